@@ -1,0 +1,190 @@
+// CUDA epilogue of the fused pairwise engine. The strip driver (csrc/common/pairwise_driver.cpp)
+// forms each T x M similarity strip with cuBLAS and calls these kernels: one thread block per
+// anchor row, block-wide max / sum reductions, the per-pair math shared with the CPU kernels
+// (csrc/common/pairwise_math.h). The Triton backend is the fully fused GPU path; this one
+// trades the strip's memory for cuBLAS GEMMs and serves where Triton is not installed.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../common/pairwise_driver.h"
+#include "../common/pairwise_math.h"
+
+namespace structloss_fast {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__device__ T block_reduce(T v, T* smem, bool is_max) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int off = 16; off > 0; off >>= 1) {
+    const T o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = is_max ? (o > v ? o : v) : v + o;
+  }
+  __syncthreads();  // smem may still be read by a previous reduction
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  const int n_warps = blockDim.x / 32;
+  T r = smem[0];
+  for (int w = 1; w < n_warps; ++w) r = is_max ? (smem[w] > r ? smem[w] : r) : r + smem[w];
+  return r;
+}
+
+template <typename T, typename L, typename Logits>
+__global__ void twoset_forward_kernel(T* __restrict__ S, int64_t M, int64_t row0, const L* __restrict__ labels,
+                                      const L* __restrict__ ref_labels, bool exclude_self, Logits lg, bool want_grad,
+                                      T* __restrict__ stats) {
+  __shared__ T smem[kThreads / 32];
+  const int64_t r = blockIdx.x, i = row0 + r;
+  T* s = S + r * M;
+  const L li = labels[i];
+  const int64_t self_j = exclude_self ? i : -1;
+
+  T max_p = neg_inf<T>(), max_n = neg_inf<T>(), cnt_p = 0, cnt_n = 0;
+  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
+    const T sj = s[j];
+    const bool same = ref_labels[j] == li, pos = same && j != self_j;
+    const T a = same ? lg.pos(sj) : lg.neg(sj);
+    if (pos && a > max_p) max_p = a;
+    if (!same && a > max_n) max_n = a;
+    cnt_p += pos ? T(1) : T(0);
+    cnt_n += same ? T(0) : T(1);
+  }
+  max_p = block_reduce(max_p, smem, true);
+  max_n = block_reduce(max_n, smem, true);
+  cnt_p = block_reduce(cnt_p, smem, false);
+  cnt_n = block_reduce(cnt_n, smem, false);
+
+  T sum_p = 0, sum_n = 0;
+  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
+    const T sj = s[j];
+    const bool same = ref_labels[j] == li, pos = same && j != self_j;
+    if (pos) sum_p += exp_(lg.pos(sj) - max_p);
+    if (!same) sum_n += exp_(lg.neg(sj) - max_n);
+  }
+  sum_p = block_reduce(sum_p, smem, false);
+  sum_n = block_reduce(sum_n, smem, false);
+
+  const T lse_p = cnt_p > 0 ? max_p + log_(sum_p) : neg_inf<T>();
+  const T lse_n = cnt_n > 0 ? max_n + log_(sum_n) : neg_inf<T>();
+  const T loss = twoset_row_loss(lse_p, lse_n, cnt_p > 0, cnt_n > 0);
+  if (threadIdx.x == 0) {
+    stats[i * kNumRowStats + kLsePos] = lse_p;
+    stats[i * kNumRowStats + kLseNeg] = lse_n;
+    stats[i * kNumRowStats + kRowLoss] = loss;
+  }
+  if (!want_grad) return;
+  const bool counts = row_counts(loss);
+  const T dz = counts ? softplus_grad(lse_p + lse_n) : T(0);
+  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
+    const T sj = s[j];
+    const bool same = ref_labels[j] == li, pos = same && j != self_j;
+    T g = 0;
+    if (counts && pos) g = dz * exp_(lg.pos(sj) - lse_p) * lg.pos_grad(sj);
+    if (counts && !same) g = dz * exp_(lg.neg(sj) - lse_n) * lg.neg_grad(sj);
+    s[j] = g;
+  }
+}
+
+template <typename T, typename L, typename Logits>
+__global__ void twoset_backward_kernel(T* __restrict__ S, int64_t M, int64_t row0, const L* __restrict__ labels,
+                                       const L* __restrict__ ref_labels, bool exclude_self, Logits lg,
+                                       const T* __restrict__ stats, const T* __restrict__ weights) {
+  const int64_t r = blockIdx.x, i = row0 + r;
+  T* s = S + r * M;
+  const L li = labels[i];
+  const int64_t self_j = exclude_self ? i : -1;
+  const T lse_p = stats[i * kNumRowStats + kLsePos], lse_n = stats[i * kNumRowStats + kLseNeg];
+  const T w = weights[i];
+  const bool active = w != T(0) && row_counts(stats[i * kNumRowStats + kRowLoss]);
+  const T dz = active ? w * softplus_grad(lse_p + lse_n) : T(0);
+  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
+    const T sj = s[j];
+    const bool same = ref_labels[j] == li, pos = same && j != self_j;
+    T g = 0;
+    if (active && pos) g = dz * exp_(lg.pos(sj) - lse_p) * lg.pos_grad(sj);
+    if (active && !same) g = dz * exp_(lg.neg(sj) - lse_n) * lg.neg_grad(sj);
+    s[j] = g;
+  }
+}
+
+template <typename Fn>
+void dispatch(const at::Tensor& S, const at::Tensor& labels, const PairwiseSpec& spec, Fn&& fn) {
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "structloss_fast_pairwise_cuda", [&] {
+    using T = scalar_t;
+    auto with_labels = [&](auto l0) {
+      using L = decltype(l0);
+      if (spec.loss == kCircle) {
+        fn(T(0), L(0), CircleLogits<T>(static_cast<T>(spec.p0), static_cast<T>(spec.p1)));
+      } else {
+        fn(T(0), L(0), UnifiedLogits<T>(static_cast<T>(spec.p0), static_cast<T>(spec.p1)));
+      }
+    };
+    if (labels.scalar_type() == at::kInt) {
+      with_labels(int32_t(0));
+    } else {
+      with_labels(int64_t(0));
+    }
+  });
+}
+
+void cuda_forward(at::Tensor& S, int64_t row0, const at::Tensor& labels, const at::Tensor& ref_labels,
+                  const PairwiseSpec& spec, bool want_grad, at::Tensor& row_stats) {
+  if (S.size(0) == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(S, labels, spec, [&](auto t0, auto l0, auto lg) {
+    using T = decltype(t0);
+    using L = decltype(l0);
+    twoset_forward_kernel<T, L, decltype(lg)><<<S.size(0), kThreads, 0, stream>>>(
+        S.data_ptr<T>(), S.size(1), row0, labels.data_ptr<L>(), ref_labels.data_ptr<L>(), spec.exclude_self, lg,
+        want_grad, row_stats.data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void cuda_backward(at::Tensor& S, int64_t row0, const at::Tensor& labels, const at::Tensor& ref_labels,
+                   const PairwiseSpec& spec, const at::Tensor& row_stats, const at::Tensor& row_weights) {
+  if (S.size(0) == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(S, labels, spec, [&](auto t0, auto l0, auto lg) {
+    using T = decltype(t0);
+    using L = decltype(l0);
+    twoset_backward_kernel<T, L, decltype(lg)><<<S.size(0), kThreads, 0, stream>>>(
+        S.data_ptr<T>(), S.size(1), row0, labels.data_ptr<L>(), ref_labels.data_ptr<L>(), spec.exclude_self, lg,
+        row_stats.data_ptr<T>(), row_weights.data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// 256 MiB of float32 per strip: GPU GEMMs want tall strips.
+constexpr int64_t kCudaStripElems = int64_t(1) << 26;
+
+const PairwiseEpilogue kCudaEpilogue{&cuda_forward, &cuda_backward, kCudaStripElems};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_loss_cuda(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
+    bool exclude_self, int64_t loss, at::ArrayRef<double> params, int64_t reduction, bool compute_grad) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const PairwiseSpec spec = make_pairwise_spec(loss, params, exclude_self);
+  return pairwise_forward_driver(x, labels, ref, ref_labels, spec, reduction, compute_grad, kCudaEpilogue);
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_loss_backward_cuda(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
+    const at::Tensor& row_stats, const at::Tensor& row_weights, bool exclude_self, int64_t loss,
+    at::ArrayRef<double> params) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const PairwiseSpec spec = make_pairwise_spec(loss, params, exclude_self);
+  return pairwise_backward_driver(x, labels, ref, ref_labels, row_stats, row_weights, spec, kCudaEpilogue);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(structloss_fast, CUDA, m) {
+  m.impl("pairwise_loss", &pairwise_loss_cuda);
+  m.impl("pairwise_loss_backward", &pairwise_loss_backward_cuda);
+}
+
+}  // namespace structloss_fast

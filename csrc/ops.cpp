@@ -1,0 +1,20 @@
+// Every op schema of structloss_fast, written once. Kernels are registered per device in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd in structloss_fast/ops/*.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(structloss_fast, m) {
+  // ---- pairwise family (structloss_fast/ops/pairwise.py) ----
+  // Fused pairwise loss over anchors x (B, D) and references ref (M, D), both L2-normalized.
+  // loss: PairLossKind (csrc/common/pairwise_math.h); params: that loss's parameters;
+  // reduction: 0 none, 1 mean (over rows with a non-zero loss), 2 sum. With compute_grad
+  // (mean/sum), grad_x / grad_ref hold the gradient of the reduced loss, computed during the
+  // forward; otherwise they are empty. row_stats (B, 3) = (lse_pos, lse_neg, row_loss).
+  m.def(
+      "pairwise_loss(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, bool exclude_self, int loss, "
+      "float[] params, int reduction, bool compute_grad) -> (Tensor loss, Tensor row_stats, Tensor grad_x, "
+      "Tensor grad_ref)");
+  // Recomputing backward: gradients of sum_i row_weights[i] * l_i.
+  m.def(
+      "pairwise_loss_backward(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor row_stats, "
+      "Tensor row_weights, bool exclude_self, int loss, float[] params) -> (Tensor grad_x, Tensor grad_ref)");
+}

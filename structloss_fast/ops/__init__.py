@@ -1,0 +1,1 @@
+"""Fake kernels, autograd registration and backend dispatch of the custom ops."""

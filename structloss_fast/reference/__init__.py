@@ -1,0 +1,3 @@
+"""Pure-PyTorch definitions of every loss: short, dense, float64-friendly. Tests and benchmarks
+compare the fast backends against these."""
+from . import pairwise  # noqa: F401
