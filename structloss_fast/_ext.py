@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
+import importlib.util
 import os
 import warnings
 
@@ -26,21 +28,46 @@ def extension_loaded() -> bool:
     return _C is not None
 
 
+def _registered_kernels() -> dict[str, frozenset]:
+    # Read once at import: the lookups below are then plain Python that torch.compile can trace.
+    if _C is None:
+        return {"CPU": frozenset(), "CUDA": frozenset()}
+    return {
+        key: frozenset(
+            name.split("::", 1)[1].split(".", 1)[0]
+            for name in torch._C._dispatch_get_registrations_for_dispatch_key(key)
+            if name.startswith("structloss_fast::")
+        )
+        for key in ("CPU", "CUDA")
+    }
+
+
+_KERNELS = _registered_kernels()
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether structloss_fast::<op> has a kernel registered for a dispatch key ("CPU", "CUDA")."""
-    if _C is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"structloss_fast::{op}", dispatch_key)
+    return op in _KERNELS.get(dispatch_key, ())
 
 
-@functools.lru_cache(maxsize=None)
+def _find_triton() -> tuple[bool, str]:
+    # Located, not imported: importing structloss_fast must not import triton (optional, slow,
+    # and TRITON_INTERPRET must be set before its first import).
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        version = "(unknown version)"
+    return True, f"triton {version}"
+
+
+_TRITON = _find_triton()
+
+
 def triton_status() -> tuple[bool, str]:
     """(usable, reason). Triton runs CUDA tensors on a GPU, and CPU tensors under TRITON_INTERPRET=1."""
-    try:
-        triton = importlib.import_module("triton")
-    except Exception as exc:  # pragma: no cover - depends on the environment
-        return False, f"triton is not installed ({type(exc).__name__}: {exc})"
-    return True, f"triton {triton.__version__}"
+    return _TRITON
 
 
 def triton_interpret() -> bool:

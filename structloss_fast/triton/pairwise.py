@@ -34,12 +34,13 @@ def _pair_logits(s, same, LOSS: tl.constexpr, p0, p1):
 @triton.jit
 def _softplus(z):
     # torch's Softplus(threshold=20); exp(z) below -15, where log(1 + e) rounds e away.
-    return tl.where(z > 20.0, z, tl.where(z < -15.0, tl.exp(z), tl.log(1.0 + tl.exp(z))))
+    e = tl.exp(tl.where(z > 20.0, 20.0, z))  # a NaN z stays NaN (tl.minimum would drop it)
+    return tl.where(z > 20.0, z, tl.where(z < -15.0, e, tl.log(1.0 + e)))
 
 
 @triton.jit
 def _softplus_grad(z):
-    e = tl.exp(tl.minimum(z, 20.0))
+    e = tl.exp(tl.where(z > 20.0, 20.0, z))
     return tl.where(z > 20.0, 1.0, e / (e + 1.0))
 
 
@@ -91,8 +92,8 @@ def _pairwise_fwd_kernel(X, R, LAB, RLAB, STATS, B, M, D, stride_x, stride_r, p0
         mn_new = tl.maximum(m_n, tl.max(a_n, 1))
         mp_safe = tl.where(mp_new == float("-inf"), 0.0, mp_new)
         mn_safe = tl.where(mn_new == float("-inf"), 0.0, mn_new)
-        l_p = l_p * tl.exp(m_p - mp_safe) + tl.sum(tl.where(pos, tl.exp(a - mp_safe[:, None]), 0.0), 1)
-        l_n = l_n * tl.exp(m_n - mn_safe) + tl.sum(tl.where(neg, tl.exp(a - mn_safe[:, None]), 0.0), 1)
+        l_p = l_p * tl.exp(m_p - mp_safe) + tl.sum(tl.exp(tl.where(pos, a - mp_safe[:, None], float("-inf"))), 1)
+        l_n = l_n * tl.exp(m_n - mn_safe) + tl.sum(tl.exp(tl.where(neg, a - mn_safe[:, None], float("-inf"))), 1)
         m_p = mp_new
         m_n = mn_new
         c_p += tl.sum(pos.to(tl.int32), 1)

@@ -1,0 +1,43 @@
+"""Comparison helpers with dtype-aware tolerances."""
+from __future__ import annotations
+
+import torch
+
+
+def max_abs(a, b) -> float:
+    a = a.detach().to(torch.float64).cpu()
+    b = b.detach().to(torch.float64).cpu()
+    if a.numel() == 0:
+        return 0.0
+    return (a - b).abs().max().item()
+
+
+def assert_close_to_truth(out, truth, torch_same_dtype, *, factor=2.0, floor=0.0, what=""):
+    """Error of `out` against a float64 `truth` at most `factor` times the error that PyTorch itself
+    makes in the same dtype (`torch_same_dtype`, the reference run in that dtype), plus `floor`.
+    This is flash-attention's criterion for low-precision kernels."""
+    err = max_abs(out, truth)
+    torch_err = max_abs(torch_same_dtype, truth)
+    bound = factor * torch_err + floor
+    assert err <= bound, f"{what}: error {err:.3e} > {factor} x torch's own error {torch_err:.3e} + {floor:.1e}"
+
+
+def assert_tight(out, expected, *, rtol=1e-10, atol=1e-12, what=""):
+    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
+    err = max_abs(out, expected)
+    assert err <= atol + rtol * scale, f"{what}: error {err:.3e} (scale {scale:.3e})"
+
+
+def numerical_grad(fn, x, eps=1e-6):
+    """Central-difference gradient of scalar fn at x (float64)."""
+    g = torch.zeros_like(x)
+    flat = x.detach().clone().reshape(-1)
+    for k in range(flat.numel()):
+        old = flat[k].item()
+        flat[k] = old + eps
+        fp = fn(flat.view_as(x)).item()
+        flat[k] = old - eps
+        fm = fn(flat.view_as(x)).item()
+        flat[k] = old
+        g.view(-1)[k] = (fp - fm) / (2 * eps)
+    return g
