@@ -17,4 +17,12 @@ TORCH_LIBRARY(structloss_fast, m) {
   m.def(
       "pairwise_loss_backward(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor row_stats, "
       "Tensor row_weights, bool exclude_self, int loss, float[] params) -> (Tensor grad_x, Tensor grad_ref)");
+
+  // ---- softmax family (structloss_fast/ops/softmax.py) ----
+
+  // ---- sgld / jem family (structloss_fast/ops/sgld.py) ----
+
+  // ---- cg / taskmet family (structloss_fast/ops/cg.py) ----
+
+  // ---- seal family (structloss_fast/ops/seal.py) ----
 }

@@ -14,7 +14,7 @@ from structloss_fast import _ext
 from structloss_fast.ops import pairwise as ops
 from structloss_fast.reference import pairwise as ref
 
-BACKENDS = fast_backends()
+BACKENDS = fast_backends("pairwise_loss")
 BACKEND_IDS = [f"{b}-{d.type}" for b, d in BACKENDS]
 LOSSES = {
     "circle": (slf.circle_loss, ref.circle_loss, dict(m=0.4, gamma=80.0)),
