@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo=$(pwd)
 VENV=${CUDA_VENV:-.venv-cuda}
+case "$VENV" in /*) ;; *) VENV="$repo/$VENV" ;; esac
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
@@ -35,10 +36,10 @@ src=$(mktemp -d)
 git ls-files -z | xargs -0 cp --parents -t "$src"
 # Hopper (the GPU this package is tuned for); a user's build picks its own TORCH_CUDA_ARCH_LIST.
 (cd "$src" && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=${MAX_JOBS:-2} \
-  "$repo/$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps .)
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps .)
 
 cd /
-"$repo/$VENV/bin/python" - "$repo/csrc/cuda" <<'PY'
+"$VENV/bin/python" - "$repo/csrc/cuda" <<'PY'
 import glob
 import re
 import sys
