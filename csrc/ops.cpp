@@ -5,18 +5,22 @@
 TORCH_LIBRARY(structloss_fast, m) {
   // ---- pairwise family (structloss_fast/ops/pairwise.py) ----
   // Fused pairwise loss over anchors x (B, D) and references ref (M, D), both L2-normalized.
-  // loss: PairLossKind (csrc/common/pairwise_math.h); params: that loss's parameters;
-  // reduction: 0 none, 1 mean (over rows with a non-zero loss), 2 sum. With compute_grad
-  // (mean/sum), grad_x / grad_ref hold the gradient of the reduced loss, computed during the
-  // forward; otherwise they are empty. row_stats (B, 3) = (lse_pos, lse_neg, row_loss).
+  // self_offset: -1, or anchor i is reference (self_offset + i) mod M (that pair is excluded);
+  // ref_is_x: ref is x itself (its gradient folds into grad_x). loss: PairLossKind
+  // (csrc/common/pairwise_math.h); params: that loss's parameters; reduction: 0 none (per
+  // anchor and term, (B, terms)), 1 mean, 2 sum (as the loss's PML reducer). grad_mode: 0 none,
+  // 1 grad_x, 2 grad_x and grad_ref of the reduced loss, computed during the forward (mean/sum
+  // of one-term losses); otherwise they are empty. row_stats (B, 8): see RowStat. epilogue:
+  // "auto" | "kernel" | "aten" (the device-independent epilogue; for tests).
   m.def(
-      "pairwise_loss(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, bool exclude_self, int loss, "
-      "float[] params, int reduction, bool compute_grad) -> (Tensor loss, Tensor row_stats, Tensor grad_x, "
-      "Tensor grad_ref)");
-  // Recomputing backward: gradients of sum_i row_weights[i] * l_i.
+      "pairwise_loss(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, int self_offset, bool ref_is_x, "
+      "int loss, float[] params, int reduction, int grad_mode, str epilogue=\"auto\") -> (Tensor loss, "
+      "Tensor row_stats, Tensor grad_x, Tensor grad_ref)");
+  // Recomputing backward: gradients of sum_ik row_weights[i, k] * term_k,i.
   m.def(
       "pairwise_loss_backward(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor row_stats, "
-      "Tensor row_weights, bool exclude_self, int loss, float[] params) -> (Tensor grad_x, Tensor grad_ref)");
+      "Tensor row_weights, int self_offset, bool ref_is_x, int loss, float[] params, bool ref_grad, "
+      "str epilogue=\"auto\") -> (Tensor grad_x, Tensor grad_ref)");
 
   // ---- softmax family (structloss_fast/ops/softmax.py) ----
 

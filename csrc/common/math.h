@@ -36,6 +36,8 @@ SLF_HD float log_(float x) { return logf(x); }
 SLF_HD double log_(double x) { return log(x); }
 SLF_HD float log1p_(float x) { return log1pf(x); }
 SLF_HD double log1p_(double x) { return log1p(x); }
+SLF_HD float sqrt_(float x) { return sqrtf(x); }
+SLF_HD double sqrt_(double x) { return sqrt(x); }
 
 template <typename T>
 SLF_HD T relu(T x) {
@@ -60,6 +62,20 @@ SLF_HD T softplus_grad(T x) {
   if (x > T(20)) return T(1);
   T e = exp_(x);
   return e / (e + T(1));
+}
+
+// log(1 + exp(x)) without a threshold (a log-sum-exp with an added zero); 0 at -inf.
+template <typename T>
+SLF_HD T softplus_exact(T x) {
+  const T ax = x < T(0) ? -x : x;
+  return (x > T(0) ? x : T(0)) + log1p_(exp_(-ax));
+}
+
+template <typename T>
+SLF_HD T sigmoid(T x) {
+  if (x >= T(0)) return T(1) / (T(1) + exp_(-x));
+  const T e = exp_(x);
+  return e / (T(1) + e);
 }
 
 // exp(x) for float, branch-free so that a loop calling it vectorizes. Cody-Waite range

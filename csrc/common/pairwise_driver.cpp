@@ -7,11 +7,14 @@
 
 namespace structloss_fast {
 
-PairwiseSpec make_pairwise_spec(int64_t loss, at::ArrayRef<double> params, bool exclude_self) {
-  TORCH_CHECK(loss == kCircle || loss == kUnified, "structloss_fast: unknown pairwise loss id ", loss);
-  TORCH_CHECK(params.size() == 2, "structloss_fast: pairwise loss ", loss, " takes 2 parameters, got ",
-              params.size());
-  return PairwiseSpec{loss, params[0], params[1], exclude_self};
+PairwiseSpec make_pairwise_spec(int64_t loss, at::ArrayRef<double> params, int64_t self_offset, bool ref_is_x) {
+  TORCH_CHECK(loss >= 0 && loss < kNumPairLosses, "structloss_fast: unknown pairwise loss id ", loss);
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == pair_loss_params(loss), "structloss_fast: pairwise loss ",
+              loss, " takes ", pair_loss_params(loss), " parameters, got ", params.size());
+  TORCH_CHECK(self_offset >= -1, "structloss_fast: self_offset must be -1 or a reference index, got ", self_offset);
+  PairwiseSpec spec{loss, {0.0, 0.0, 0.0}, self_offset, ref_is_x};
+  std::copy(params.begin(), params.end(), spec.p);
+  return spec;
 }
 
 void check_pairwise_inputs(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
@@ -26,7 +29,7 @@ void check_pairwise_inputs(const at::Tensor& x, const at::Tensor& labels, const 
   TORCH_CHECK(labels.scalar_type() == ref_labels.scalar_type(), "structloss_fast: labels and ref_labels differ in dtype");
   TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
               "structloss_fast: labels must be int64 or int32");
-  TORCH_CHECK(!spec.exclude_self || x.size(0) == ref.size(0), "structloss_fast: exclude_self needs ref of x's length");
+  TORCH_CHECK(!spec.ref_is_x || x.size(0) == ref.size(0), "structloss_fast: ref_is_x needs ref of x's length");
   for (const at::Tensor* t : {&labels, &ref, &ref_labels}) {
     TORCH_CHECK(t->device() == x.device(), "structloss_fast: all inputs must be on one device");
   }
@@ -40,66 +43,99 @@ int64_t strip_rows(int64_t B, int64_t M, int64_t strip_elems) {
   return std::min(t, B);
 }
 
-// Accumulates the gradient of one strip: grad_x[rows] += G @ ref, grad_ref += G^T @ x[rows]
-// (into grad_x itself when ref is x).
+// grad_x[rows] += G @ ref; grad_ref += G^T @ x[rows] (into grad_x when ref is x; skipped
+// when grad_ref is not wanted).
 void accumulate_strip_grad(const at::Tensor& G, const at::Tensor& x_rows, const at::Tensor& ref, int64_t row0,
-                           at::Tensor& grad_x, at::Tensor& grad_ref, bool exclude_self) {
-  auto gx_rows = grad_x.narrow(0, row0, G.size(0));
-  gx_rows.addmm_(G, ref);
-  (exclude_self ? grad_x : grad_ref).addmm_(G.t(), x_rows);
+                           at::Tensor& grad_x, at::Tensor& grad_ref, bool ref_is_x) {
+  grad_x.narrow(0, row0, G.size(0)).addmm_(G, ref);
+  if (ref_is_x) {
+    grad_x.addmm_(G.t(), x_rows);
+  } else if (grad_ref.size(0) > 0) {
+    grad_ref.addmm_(G.t(), x_rows);
+  }
+}
+
+struct Prepared {
+  at::Tensor x, labels, ref, ref_labels;
+};
+
+Prepared prepare(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
+                 const PairwiseSpec& spec) {
+  Prepared p;
+  p.x = x.contiguous();
+  p.labels = labels.contiguous();
+  p.ref = spec.ref_is_x ? p.x : ref.contiguous();
+  p.ref_labels = spec.ref_is_x ? p.labels : ref_labels.contiguous();
+  return p;
+}
+
+// Runs the strips: S = x[rows] @ ref^T, then `epilogue(strip, row0)`, then, if `grads`, the
+// gradient GEMMs on the rewritten strip.
+template <typename Fn>
+void for_each_strip(const Prepared& p, const PairwiseEpilogue& epi, bool grads, at::Tensor& grad_x,
+                    at::Tensor& grad_ref, bool ref_is_x, Fn&& epilogue) {
+  const int64_t B = p.x.size(0), M = p.ref.size(0);
+  const int64_t T = strip_rows(B, M, epi.strip_elems);
+  at::Tensor S = at::empty({T, M}, p.x.options());
+  const at::Tensor ref_t = p.ref.t();
+  for (int64_t row0 = 0; row0 < B; row0 += T) {
+    const int64_t t = std::min(T, B - row0);
+    at::Tensor strip = S.narrow(0, 0, t);
+    const at::Tensor x_rows = p.x.narrow(0, row0, t);
+    at::mm_out(strip, x_rows, ref_t);
+    epilogue(strip, row0);
+    if (grads) accumulate_strip_grad(strip, x_rows, p.ref, row0, grad_x, grad_ref, ref_is_x);
+  }
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_forward_driver(
     const at::Tensor& x_in, const at::Tensor& labels_in, const at::Tensor& ref_in, const at::Tensor& ref_labels_in,
-    const PairwiseSpec& spec, int64_t reduction, bool compute_grad, const PairwiseEpilogue& epi) {
+    const PairwiseSpec& spec, int64_t reduction, int64_t grad_mode, const PairwiseEpilogue& epi) {
   check_pairwise_inputs(x_in, labels_in, ref_in, ref_labels_in, spec);
   TORCH_CHECK(reduction == kReductionNone || reduction == kReductionMean || reduction == kReductionSum,
               "structloss_fast: unknown reduction id ", reduction);
-  TORCH_CHECK(!(compute_grad && reduction == kReductionNone),
-              "structloss_fast: compute_grad is for mean/sum; 'none' recomputes in backward");
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor ref = spec.exclude_self ? x : ref_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor ref_labels = spec.exclude_self ? labels : ref_labels_in.contiguous();
-  const int64_t B = x.size(0), M = ref.size(0), D = x.size(1);
+  TORCH_CHECK(grad_mode >= kGradNone && grad_mode <= kGradXRef, "structloss_fast: unknown grad_mode ", grad_mode);
+  TORCH_CHECK(grad_mode == kGradNone || (reduction != kReductionNone && spec.terms() == 1),
+              "structloss_fast: the forward computes gradients only for mean/sum of one-term losses");
+  const Prepared p = prepare(x_in, labels_in, ref_in, ref_labels_in, spec);
+  const int64_t B = p.x.size(0), M = p.ref.size(0), D = p.x.size(1);
+  const bool grads = grad_mode != kGradNone;
 
-  at::Tensor row_stats = at::empty({B, kNumRowStats}, x.options());
-  at::Tensor grad_x = at::zeros({compute_grad ? B : 0, D}, x.options());
-  at::Tensor grad_ref = at::zeros({compute_grad && !spec.exclude_self ? M : 0, D}, x.options());
+  at::Tensor row_stats = at::zeros({B, kNumRowStats}, p.x.options());
+  at::Tensor grad_x = at::zeros({grads ? B : 0, D}, p.x.options());
+  at::Tensor grad_ref = at::zeros({grad_mode == kGradXRef && !spec.ref_is_x ? M : 0, D}, p.x.options());
 
-  if (M == 0) {
-    // No reference: every row lacks a positive and a negative.
-    row_stats.narrow(1, kLsePos, 2).fill_(-std::numeric_limits<double>::infinity());
-    row_stats.select(1, kRowLoss).zero_();
-  } else if (B > 0) {
-    const int64_t T = strip_rows(B, M, epi.strip_elems);
-    at::Tensor S = at::empty({T, M}, x.options());
-    const at::Tensor ref_t = ref.t();
-    for (int64_t row0 = 0; row0 < B; row0 += T) {
-      const int64_t t = std::min(T, B - row0);
-      at::Tensor strip = S.narrow(0, 0, t);
-      const at::Tensor x_rows = x.narrow(0, row0, t);
-      at::mm_out(strip, x_rows, ref_t);
-      epi.forward(strip, row0, labels, ref_labels, spec, compute_grad, row_stats);
-      if (compute_grad) accumulate_strip_grad(strip, x_rows, ref, row0, grad_x, grad_ref, spec.exclude_self);
-    }
+  if (B > 0 && M > 0) {
+    for_each_strip(p, epi, grads, grad_x, grad_ref, spec.ref_is_x, [&](at::Tensor& strip, int64_t row0) {
+      epi.forward(strip, row0, p.labels, p.ref_labels, spec, grads, row_stats);
+    });
   }
 
-  const at::Tensor row_loss = row_stats.select(1, kRowLoss);
+  const at::Tensor gate = pair_loss_gated(spec.loss)
+                              ? at::logical_and(row_stats.select(1, kNumPos).sum().gt(0),
+                                                row_stats.select(1, kNumNeg).sum().gt(0))
+                                    .to(p.x.scalar_type())
+                              : at::ones({}, p.x.options());
   at::Tensor loss;
   if (reduction == kReductionNone) {
-    loss = row_loss.clone();
-  } else if (reduction == kReductionSum) {
-    loss = row_loss.sum();
+    loss = row_stats.narrow(1, kSum0, 1).clone();
+    if (spec.terms() == 2) loss = at::cat({loss, row_stats.narrow(1, kSum1, 1)}, 1);
+    loss.mul_(gate);
   } else {
-    // Mean over the rows that count (loss > 0, or NaN); 0 when none do. No host sync.
-    const at::Tensor count = row_loss.le(0).logical_not().sum().clamp_min(1).to(x.scalar_type());
-    loss = row_loss.sum() / count;
-    if (compute_grad) {
-      grad_x.div_(count);
-      grad_ref.div_(count);
+    at::Tensor scale0 = gate;
+    loss = row_stats.select(1, kSum0).sum();
+    if (reduction == kReductionMean) scale0 = gate / row_stats.select(1, kCount0).sum().clamp_min(1);
+    loss = loss * scale0;
+    if (spec.terms() == 2) {
+      at::Tensor s1 = row_stats.select(1, kSum1).sum() * gate;
+      if (reduction == kReductionMean) s1 = s1 / row_stats.select(1, kCount1).sum().clamp_min(1);
+      loss = loss + s1;
+    }
+    if (grads) {
+      grad_x.mul_(scale0);
+      grad_ref.mul_(scale0);
     }
   }
   return {loss, row_stats, grad_x, grad_ref};
@@ -107,35 +143,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_forward_driv
 
 std::tuple<at::Tensor, at::Tensor> pairwise_backward_driver(
     const at::Tensor& x_in, const at::Tensor& labels_in, const at::Tensor& ref_in, const at::Tensor& ref_labels_in,
-    const at::Tensor& row_stats_in, const at::Tensor& row_weights_in, const PairwiseSpec& spec,
+    const at::Tensor& row_stats_in, const at::Tensor& row_weights_in, const PairwiseSpec& spec, bool ref_grad,
     const PairwiseEpilogue& epi) {
   check_pairwise_inputs(x_in, labels_in, ref_in, ref_labels_in, spec);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor ref = spec.exclude_self ? x : ref_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor ref_labels = spec.exclude_self ? labels : ref_labels_in.contiguous();
-  const int64_t B = x.size(0), M = ref.size(0), D = x.size(1);
+  const Prepared p = prepare(x_in, labels_in, ref_in, ref_labels_in, spec);
+  const int64_t B = p.x.size(0), M = p.ref.size(0), D = p.x.size(1);
   TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == B && row_stats_in.size(1) == kNumRowStats,
               "structloss_fast: row_stats must be (B, ", kNumRowStats, ")");
-  TORCH_CHECK(row_weights_in.dim() == 1 && row_weights_in.size(0) == B, "structloss_fast: row_weights must be (B,)");
-  const at::Tensor row_stats = row_stats_in.to(x.scalar_type()).contiguous();
-  const at::Tensor row_weights = row_weights_in.to(x.scalar_type()).contiguous();
+  TORCH_CHECK(row_weights_in.dim() == 2 && row_weights_in.size(0) == B && row_weights_in.size(1) == spec.terms(),
+              "structloss_fast: row_weights must be (B, ", spec.terms(), ")");
+  const at::Tensor row_stats = row_stats_in.to(p.x.scalar_type()).contiguous();
+  const at::Tensor row_weights = row_weights_in.to(p.x.scalar_type()).contiguous();
 
-  at::Tensor grad_x = at::zeros({B, D}, x.options());
-  at::Tensor grad_ref = at::zeros({spec.exclude_self ? 0 : M, D}, x.options());
+  at::Tensor grad_x = at::zeros({B, D}, p.x.options());
+  at::Tensor grad_ref = at::zeros({ref_grad && !spec.ref_is_x ? M : 0, D}, p.x.options());
   if (B == 0 || M == 0) return {grad_x, grad_ref};
-
-  const int64_t T = strip_rows(B, M, epi.strip_elems);
-  at::Tensor S = at::empty({T, M}, x.options());
-  const at::Tensor ref_t = ref.t();
-  for (int64_t row0 = 0; row0 < B; row0 += T) {
-    const int64_t t = std::min(T, B - row0);
-    at::Tensor strip = S.narrow(0, 0, t);
-    const at::Tensor x_rows = x.narrow(0, row0, t);
-    at::mm_out(strip, x_rows, ref_t);
-    epi.backward(strip, row0, labels, ref_labels, spec, row_stats, row_weights);
-    accumulate_strip_grad(strip, x_rows, ref, row0, grad_x, grad_ref, spec.exclude_self);
-  }
+  for_each_strip(p, epi, true, grad_x, grad_ref, spec.ref_is_x, [&](at::Tensor& strip, int64_t row0) {
+    epi.backward(strip, row0, p.labels, p.ref_labels, spec, row_stats, row_weights);
+  });
   return {grad_x, grad_ref};
 }
 

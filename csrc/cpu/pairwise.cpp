@@ -1,7 +1,7 @@
-// CPU epilogue of the fused pairwise engine: turns a T x M similarity strip into per-row
-// statistics and the gradient dl/ds, row by row, in parallel over rows. Each row is walked
-// a few times while it is hot in L1/L2; the loops are written to auto-vectorize inside the
-// AVX2 clone of the multiversioned functions.
+// CPU epilogue of the fused pairwise engine: turns a T x M similarity strip into per-anchor
+// statistics and the gradient dl/ds, row by row, in parallel over rows. Each row is walked a
+// few times while it is hot in L1/L2; the loops are written to auto-vectorize inside the AVX2
+// clone of the multiversioned functions.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,45 +16,78 @@
 namespace structloss_fast {
 namespace {
 
-template <typename T, typename L>
-struct StripArgs {
-  T* S;                // t x M strip, row-major (similarities in, gradients out)
-  int64_t M;
-  int64_t row0;        // global index of the strip's first row
-  const L* labels;     // (B,)
-  const L* ref_labels; // (M,)
-  bool exclude_self;
-  T* stats;            // (B, kNumRowStats)
-  const T* weights;    // (B,) upstream weights; backward only
-  bool want_grad;      // forward only
+// Per-thread scratch rows.
+template <typename T>
+struct Scratch {
+  std::vector<T> a, b, c, d;
+  std::vector<int64_t> ia, ib;
+  std::vector<double> prefix;
+  explicit Scratch(int64_t M) : a(M), b(M) {}
+  void ensure_triplet(int64_t M) {
+    if (static_cast<int64_t>(c.size()) < M) {
+      c.resize(M);
+      d.resize(M);
+      ia.resize(M);
+      ib.resize(M);
+      prefix.resize(M + 1);
+    }
+  }
 };
 
-// Forward of one row of a two-set loss. `buf` is scratch of M elements.
-template <typename T, typename L, typename Logits>
-SLF_HD void twoset_forward_row(T* s, T* buf, const L* ref_lab, L li, int64_t self_j, int64_t M, const Logits& lg,
-                               bool want_grad, T* stats) {
+// One anchor row of a strip: similarities in s, gradient out in s.
+template <typename T, typename L>
+struct Row {
+  T* s;
+  int64_t M;
+  const L* lab;
+  L li;
+  int64_t self_j;
+  T* stats;  // this anchor's kNumRowStats statistics
+};
+
+template <typename T, typename L>
+SLF_HD void count_sets(const Row<T, L>& r, int64_t& n_pos, int64_t& n_neg) {
+  int64_t cp = 0, cn = 0;
+#pragma omp simd reduction(+ : cp, cn)
+  for (int64_t j = 0; j < r.M; ++j) {
+    const bool same = r.lab[j] == r.li;
+    cp += (same && j != r.self_j) ? 1 : 0;
+    cn += same ? 0 : 1;
+  }
+  n_pos = cp;
+  n_neg = cn;
+}
+
+// ---------------------------------------------------------------- two-set losses
+
+template <typename T, typename L, typename Logits, typename Combine>
+SLF_HD void twoset_forward(const Row<T, L>& r, T* buf, const Logits& lg, const Combine& combine, bool row_counted,
+                           bool want_grad) {
   T max_p = neg_inf<T>(), max_n = neg_inf<T>();
   int64_t cnt_p = 0, cnt_n = 0;
 #pragma omp simd reduction(max : max_p, max_n) reduction(+ : cnt_p, cnt_n)
-  for (int64_t j = 0; j < M; ++j) {
-    const T sj = s[j];
-    const bool same = ref_lab[j] == li;
-    const bool pos = same && j != self_j;
-    const bool neg = !same;
+  for (int64_t j = 0; j < r.M; ++j) {
+    const T sj = r.s[j];
+    const bool same = r.lab[j] == r.li;
+    const bool pos = same && j != r.self_j;
     const T a = same ? lg.pos(sj) : lg.neg(sj);
     buf[j] = a;
-    max_p = (pos && a > max_p) ? a : max_p;
-    max_n = (neg && a > max_n) ? a : max_n;
+    // Masked maxima in the canonical `m = m > v ? m : v` form: GCC 12 miscompiles the
+    // conditional-update form `m = (c && a > m) ? a : m` of an omp-simd max reduction in
+    // AVX2 code for double (the maximum comes out as 0; caught by the huge-scale tests).
+    const T v_pos = pos ? a : neg_inf<T>();
+    const T v_neg = same ? neg_inf<T>() : a;
+    max_p = max_p > v_pos ? max_p : v_pos;
+    max_n = max_n > v_neg ? max_n : v_neg;
     cnt_p += pos ? 1 : 0;
-    cnt_n += neg ? 1 : 0;
+    cnt_n += same ? 0 : 1;
   }
-  // A NaN logit never wins the comparisons above; it still reaches the sums below (and so
-  // the loss), because exp(NaN - max) is NaN.
+  // A NaN logit makes the maximum NaN, and so the sums below and the loss.
   T sum_p = T(0), sum_n = T(0);
 #pragma omp simd reduction(+ : sum_p, sum_n)
-  for (int64_t j = 0; j < M; ++j) {
-    const bool same = ref_lab[j] == li;
-    const bool pos = same && j != self_j;
+  for (int64_t j = 0; j < r.M; ++j) {
+    const bool same = r.lab[j] == r.li;
+    const bool pos = same && j != r.self_j;
     const T e = exp_fast(buf[j] - (same ? max_p : max_n));
     buf[j] = e;
     sum_p += pos ? e : T(0);
@@ -62,81 +95,485 @@ SLF_HD void twoset_forward_row(T* s, T* buf, const L* ref_lab, L li, int64_t sel
   }
   const T lse_p = cnt_p > 0 ? max_p + log_(sum_p) : neg_inf<T>();
   const T lse_n = cnt_n > 0 ? max_n + log_(sum_n) : neg_inf<T>();
-  const T loss = twoset_row_loss(lse_p, lse_n, cnt_p > 0, cnt_n > 0);
-  stats[kLsePos] = lse_p;
-  stats[kLseNeg] = lse_n;
-  stats[kRowLoss] = loss;
+  const TwoSetResult<T> res = combine(lse_p, lse_n, cnt_p > 0, cnt_n > 0);
+  const bool counts = row_counted ? row_counts(res.loss) : true;
+  T* st = r.stats;
+  st[kAux0] = lse_p;
+  st[kAux1] = lse_n;
+  st[kSum0] = res.loss;
+  st[kCount0] = counts ? T(1) : T(0);
+  st[kNumPos] = static_cast<T>(cnt_p);
+  st[kNumNeg] = static_cast<T>(cnt_n);
   if (!want_grad) return;
-  if (!row_counts(loss)) {
-    std::fill(s, s + M, T(0));
+  if (!counts) {
+    std::fill(r.s, r.s + r.M, T(0));
     return;
   }
-  const T dz = softplus_grad(lse_p + lse_n);
-  const T c_p = dz / sum_p, c_n = dz / sum_n;
+  const T c_p = cnt_p > 0 ? res.dlse_pos / sum_p : T(0);
+  const T c_n = cnt_n > 0 ? res.dlse_neg / sum_n : T(0);
 #pragma omp simd
-  for (int64_t j = 0; j < M; ++j) {
-    const T sj = s[j];
-    const bool same = ref_lab[j] == li;
-    const bool pos = same && j != self_j;
+  for (int64_t j = 0; j < r.M; ++j) {
+    const T sj = r.s[j];
+    const bool same = r.lab[j] == r.li;
+    const bool pos = same && j != r.self_j;
     const T coef = same ? c_p * lg.pos_grad(sj) : c_n * lg.neg_grad(sj);
-    const T g = coef * buf[j];
-    s[j] = (same && !pos) ? T(0) : g;
+    r.s[j] = (same && !pos) ? T(0) : coef * buf[j];
   }
 }
 
-// Backward of one row from the saved statistics: s <- w * dl/ds.
-template <typename T, typename L, typename Logits>
-SLF_HD void twoset_backward_row(T* s, const L* ref_lab, L li, int64_t self_j, int64_t M, const Logits& lg,
-                                const T* stats, T w) {
-  const T lse_p = stats[kLsePos], lse_n = stats[kLseNeg];
-  if (w == T(0) || !row_counts(stats[kRowLoss])) {
-    std::fill(s, s + M, T(0));
+template <typename T, typename L, typename Logits, typename Combine>
+SLF_HD void twoset_backward(const Row<T, L>& r, const Logits& lg, const Combine& combine, bool row_counted, T w) {
+  const T* st = r.stats;
+  const T lse_p = st[kAux0], lse_n = st[kAux1];
+  if (w == T(0) || (row_counted && st[kCount0] == T(0))) {
+    std::fill(r.s, r.s + r.M, T(0));
     return;
   }
-  const T dz = w * softplus_grad(lse_p + lse_n);
+  const TwoSetResult<T> res = combine(lse_p, lse_n, st[kNumPos] > 0, st[kNumNeg] > 0);
+  const T c_p = w * res.dlse_pos, c_n = w * res.dlse_neg;
 #pragma omp simd
-  for (int64_t j = 0; j < M; ++j) {
-    const T sj = s[j];
-    const bool same = ref_lab[j] == li;
-    const bool pos = same && j != self_j;
+  for (int64_t j = 0; j < r.M; ++j) {
+    const T sj = r.s[j];
+    const bool same = r.lab[j] == r.li;
+    const bool pos = same && j != r.self_j;
     const T a = same ? lg.pos(sj) - lse_p : lg.neg(sj) - lse_n;
-    const T da = same ? lg.pos_grad(sj) : lg.neg_grad(sj);
-    const T g = dz * exp_fast(a) * da;
-    s[j] = (same && !pos) ? T(0) : g;
+    const T da = same ? c_p * lg.pos_grad(sj) : c_n * lg.neg_grad(sj);
+    r.s[j] = (same && !pos) ? T(0) : da * exp_fast(a);
   }
 }
 
-template <typename T, typename L, typename Logits>
-SLF_CPU_MULTIVERSION void twoset_forward_rows(const StripArgs<T, L>& a, const Logits& lg, int64_t r_begin,
-                                              int64_t r_end) {
-  std::vector<T> buf(a.M);
-  for (int64_t r = r_begin; r < r_end; ++r) {
-    const int64_t i = a.row0 + r;
-    twoset_forward_row<T, L, Logits>(a.S + r * a.M, buf.data(), a.ref_labels, a.labels[i],
-                                     a.exclude_self ? i : int64_t(-1), a.M, lg, a.want_grad,
-                                     a.stats + i * kNumRowStats);
+// ---------------------------------------------------------------- SupCon
+
+// l = LSE_{P u N} a - mean_P a, a = s / t; 0 without positives.
+template <typename T, typename L>
+SLF_HD void supcon_forward(const Row<T, L>& r, T* buf, T inv_t, bool want_grad) {
+  T mx = neg_inf<T>(), sum_pa = T(0);
+  int64_t cnt_p = 0, cnt_n = 0;
+#pragma omp simd reduction(max : mx) reduction(+ : sum_pa, cnt_p, cnt_n)
+  for (int64_t j = 0; j < r.M; ++j) {
+    const T a = r.s[j] * inv_t;
+    const bool same = r.lab[j] == r.li;
+    const bool pos = same && j != r.self_j;
+    const bool in_set = pos || !same;
+    const T v = in_set ? a : neg_inf<T>();
+    mx = mx > v ? mx : v;  // canonical max form, see twoset_forward
+    sum_pa += pos ? a : T(0);
+    cnt_p += pos ? 1 : 0;
+    cnt_n += same ? 0 : 1;
+  }
+  T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < r.M; ++j) {
+    const bool same = r.lab[j] == r.li;
+    const bool in_set = !same || j != r.self_j;
+    const T e = exp_fast(r.s[j] * inv_t - mx);
+    buf[j] = in_set ? e : T(0);
+    sum += in_set ? e : T(0);
+  }
+  const int64_t n_set = cnt_p + cnt_n;
+  const T lse = n_set > 0 ? mx + log_(sum) : neg_inf<T>();
+  const T mean_p = cnt_p > 0 ? sum_pa / static_cast<T>(cnt_p) : T(0);
+  const T loss = cnt_p > 0 ? lse - mean_p : T(0);
+  const bool counts = row_counts(loss);
+  T* st = r.stats;
+  st[kAux0] = lse;
+  st[kAux1] = mean_p;
+  st[kSum0] = loss;
+  st[kCount0] = counts ? T(1) : T(0);
+  st[kNumPos] = static_cast<T>(cnt_p);
+  st[kNumNeg] = static_cast<T>(cnt_n);
+  if (!want_grad) return;
+  if (!counts) {
+    std::fill(r.s, r.s + r.M, T(0));
+    return;
+  }
+  const T c_set = inv_t / sum, c_pos = inv_t / static_cast<T>(cnt_p);
+#pragma omp simd
+  for (int64_t j = 0; j < r.M; ++j) {
+    const bool same = r.lab[j] == r.li;
+    const bool pos = same && j != r.self_j;
+    r.s[j] = c_set * buf[j] - (pos ? c_pos : T(0));
   }
 }
 
-template <typename T, typename L, typename Logits>
-SLF_CPU_MULTIVERSION void twoset_backward_rows(const StripArgs<T, L>& a, const Logits& lg, int64_t r_begin,
-                                               int64_t r_end) {
+template <typename T, typename L>
+SLF_HD void supcon_backward(const Row<T, L>& r, T inv_t, T w) {
+  const T* st = r.stats;
+  if (w == T(0) || st[kCount0] == T(0)) {
+    std::fill(r.s, r.s + r.M, T(0));
+    return;
+  }
+  const T lse = st[kAux0];
+  const T c_set = w * inv_t, c_pos = w * inv_t / st[kNumPos];
+#pragma omp simd
+  for (int64_t j = 0; j < r.M; ++j) {
+    const bool same = r.lab[j] == r.li;
+    const bool pos = same && j != r.self_j;
+    const bool in_set = pos || !same;
+    const T g = c_set * exp_fast(r.s[j] * inv_t - lse) - (pos ? c_pos : T(0));
+    r.s[j] = in_set ? g : T(0);
+  }
+}
+
+// ---------------------------------------------------------------- NT-Xent
+
+// l = sum_{p in P} softplus(LSE_N a - a_p), a = s / t.
+template <typename T, typename L>
+SLF_HD void ntxent_forward(const Row<T, L>& r, T* buf, T inv_t, bool want_grad) {
+  T max_n = neg_inf<T>();
+  int64_t cnt_p = 0, cnt_n = 0;
+#pragma omp simd reduction(max : max_n) reduction(+ : cnt_p, cnt_n)
+  for (int64_t j = 0; j < r.M; ++j) {
+    const T a = r.s[j] * inv_t;
+    const bool same = r.lab[j] == r.li;
+    const T v = same ? neg_inf<T>() : a;
+    max_n = max_n > v ? max_n : v;  // canonical max form, see twoset_forward
+    cnt_p += (same && j != r.self_j) ? 1 : 0;
+    cnt_n += same ? 0 : 1;
+  }
+  T sum_n = T(0);
+#pragma omp simd reduction(+ : sum_n)
+  for (int64_t j = 0; j < r.M; ++j) {
+    const bool same = r.lab[j] == r.li;
+    const T e = exp_fast(r.s[j] * inv_t - max_n);
+    buf[j] = same ? T(0) : e;
+    sum_n += same ? T(0) : e;
+  }
+  const T lse_n = cnt_n > 0 ? max_n + log_(sum_n) : neg_inf<T>();
+  // Positives are few: a plain loop.
+  T loss = T(0), c = T(0);
+  for (int64_t j = 0; j < r.M; ++j) {
+    if (r.lab[j] == r.li && j != r.self_j) {
+      const T z = lse_n - r.s[j] * inv_t;
+      loss += softplus_exact(z);
+      c += sigmoid(z);
+    }
+  }
+  T* st = r.stats;
+  st[kAux0] = lse_n;
+  st[kAux1] = c;
+  st[kSum0] = loss;
+  st[kCount0] = static_cast<T>(cnt_p);
+  st[kNumPos] = static_cast<T>(cnt_p);
+  st[kNumNeg] = static_cast<T>(cnt_n);
+  if (!want_grad) return;
+  const T c_n = cnt_n > 0 ? c * inv_t / sum_n : T(0);
+  for (int64_t j = 0; j < r.M; ++j) {
+    const bool same = r.lab[j] == r.li;
+    if (same) {
+      r.s[j] = j != r.self_j ? -inv_t * sigmoid(lse_n - r.s[j] * inv_t) : T(0);
+    } else {
+      r.s[j] = c_n * buf[j];
+    }
+  }
+}
+
+template <typename T, typename L>
+SLF_HD void ntxent_backward(const Row<T, L>& r, T inv_t, T w) {
+  const T* st = r.stats;
+  if (w == T(0)) {
+    std::fill(r.s, r.s + r.M, T(0));
+    return;
+  }
+  const T lse_n = st[kAux0], c_n = w * st[kAux1] * inv_t;
+  for (int64_t j = 0; j < r.M; ++j) {
+    const bool same = r.lab[j] == r.li;
+    const T a = r.s[j] * inv_t;
+    if (same) {
+      r.s[j] = j != r.self_j ? -w * inv_t * sigmoid(lse_n - a) : T(0);
+    } else {
+      r.s[j] = c_n * exp_(a - lse_n);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- contrastive
+
+// Terms: sum_P relu(d - pos_margin) and sum_N relu(neg_margin - d), d = ||x^ - r^||.
+template <typename T, typename L>
+SLF_HD void contrastive_forward(const Row<T, L>& r, T pos_margin, T neg_margin) {
+  T sum_p = T(0), sum_n = T(0), nz_p = T(0), nz_n = T(0);
+  int64_t cnt_p = 0, cnt_n = 0;
+#pragma omp simd reduction(+ : sum_p, sum_n, nz_p, nz_n, cnt_p, cnt_n)
+  for (int64_t j = 0; j < r.M; ++j) {
+    const T d = unit_distance(r.s[j]);
+    const bool same = r.lab[j] == r.li;
+    const bool pos = same && j != r.self_j;
+    const T lp = relu(d - pos_margin), ln = relu(neg_margin - d);
+    sum_p += pos ? lp : T(0);
+    sum_n += same ? T(0) : ln;
+    nz_p += (pos && row_counts(lp)) ? T(1) : T(0);
+    nz_n += (!same && row_counts(ln)) ? T(1) : T(0);
+    cnt_p += pos ? 1 : 0;
+    cnt_n += same ? 0 : 1;
+  }
+  T* st = r.stats;
+  st[kSum0] = sum_p;
+  st[kCount0] = nz_p;
+  st[kSum1] = sum_n;
+  st[kCount1] = nz_n;
+  st[kNumPos] = static_cast<T>(cnt_p);
+  st[kNumNeg] = static_cast<T>(cnt_n);
+}
+
+template <typename T, typename L>
+SLF_HD void contrastive_backward(const Row<T, L>& r, T pos_margin, T neg_margin, T w_pos, T w_neg) {
+#pragma omp simd
+  for (int64_t j = 0; j < r.M; ++j) {
+    const T d = unit_distance(r.s[j]);
+    const bool same = r.lab[j] == r.li;
+    const bool pos = same && j != r.self_j;
+    const T dd = unit_distance_grad(d);
+    const T g_pos = w_pos * relu_grad(d - pos_margin) * dd;
+    const T g_neg = -w_neg * relu_grad(neg_margin - d) * dd;
+    r.s[j] = same ? (pos ? g_pos : T(0)) : g_neg;
+  }
+}
+
+// ---------------------------------------------------------------- triplet, all triplets
+
+// Loss of anchor i: sum over positives p and negatives n of relu(d_p - d_n + margin); count:
+// the triplets with a non-zero loss. d/d d_p = w * #{n active}, d/d d_n = -w * #{p active}.
+// With few positives every positive sweeps the negatives (vectorized); with many, both sets
+// are sorted and counted by binary search (O(M log M)).
+template <typename T, typename L>
+void triplet_all_row(const Row<T, L>& r, Scratch<T>& sc, T margin, bool want_stats, bool want_grad, T w) {
+  sc.ensure_triplet(r.M);
+  T* dp = sc.a.data();
+  T* dn = sc.b.data();
+  int64_t* ip = sc.ia.data();
+  int64_t* in = sc.ib.data();
+  int64_t np = 0, nn = 0;
+  bool has_nan = false;
+  for (int64_t j = 0; j < r.M; ++j) {
+    const bool same = r.lab[j] == r.li;
+    const T d = unit_distance(r.s[j]);
+    has_nan |= d != d && (!same || j != r.self_j);
+    if (same) {
+      if (j != r.self_j) {
+        dp[np] = d;
+        ip[np++] = j;
+      }
+    } else {
+      dn[nn] = d;
+      in[nn++] = j;
+    }
+  }
+  T* kp = sc.c.data();    // per positive: active negatives
+  T* cntn = sc.d.data();  // per negative: active positives
+  T loss = T(0), count = T(0);
+  if (np > 0 && nn > 0 && !has_nan) {
+    if (np <= 16) {
+      std::fill(cntn, cntn + nn, T(0));
+      for (int64_t p = 0; p < np; ++p) {
+        const T dpv = dp[p];
+        T sum = T(0), k = T(0);
+#pragma omp simd reduction(+ : sum, k)
+        for (int64_t n = 0; n < nn; ++n) {
+          const T t = (dpv - dn[n]) + margin;
+          const bool active = t > T(0);
+          sum += active ? t : T(0);
+          k += active ? T(1) : T(0);
+          cntn[n] += active ? T(1) : T(0);
+        }
+        loss += sum;
+        count += k;
+        kp[p] = k;
+      }
+    } else {
+      // Sorted negatives with prefix sums answer "how many, and which sum, below d_p + margin".
+      std::vector<T> sorted_n(dn, dn + nn), sorted_p(dp, dp + np);
+      std::sort(sorted_n.begin(), sorted_n.end());
+      std::sort(sorted_p.begin(), sorted_p.end());
+      double* prefix = sc.prefix.data();
+      prefix[0] = 0.0;
+      for (int64_t n = 0; n < nn; ++n) prefix[n + 1] = prefix[n] + static_cast<double>(sorted_n[n]);
+      double loss_d = 0.0;
+      for (int64_t p = 0; p < np; ++p) {
+        const T thr = dp[p] + margin;
+        const int64_t k = std::lower_bound(sorted_n.begin(), sorted_n.end(), thr) - sorted_n.begin();
+        loss_d += static_cast<double>(k) * static_cast<double>(thr) - prefix[k];
+        count += static_cast<T>(k);
+        kp[p] = static_cast<T>(k);
+      }
+      loss = static_cast<T>(loss_d);
+      for (int64_t n = 0; n < nn; ++n) {
+        const int64_t below = std::upper_bound(sorted_p.begin(), sorted_p.end(), dn[n] - margin) - sorted_p.begin();
+        cntn[n] = static_cast<T>(np - below);
+      }
+    }
+  }
+  if (has_nan) {
+    loss = std::numeric_limits<T>::quiet_NaN();
+    count = T(1);
+  }
+  if (want_stats) {
+    T* st = r.stats;
+    st[kSum0] = loss;
+    st[kCount0] = count;
+    st[kNumPos] = static_cast<T>(np);
+    st[kNumNeg] = static_cast<T>(nn);
+  }
+  if (!want_grad) return;
+  const T fill = has_nan ? std::numeric_limits<T>::quiet_NaN() : T(0);
+  std::fill(r.s, r.s + r.M, T(0));
+  if (w == T(0) || np == 0 || nn == 0) return;
+  for (int64_t p = 0; p < np; ++p) r.s[ip[p]] = has_nan ? fill : w * kp[p] * unit_distance_grad(dp[p]);
+  for (int64_t n = 0; n < nn; ++n) r.s[in[n]] = has_nan ? fill : -w * cntn[n] * unit_distance_grad(dn[n]);
+}
+
+// ---------------------------------------------------------------- triplet, batch hard
+
+// Hardest positive (largest d, first on ties) and hardest negative (smallest d, first on
+// ties): relu(d_p* - d_n* + margin) for anchors that have both.
+template <typename T, typename L>
+void triplet_hard_row(const Row<T, L>& r, T margin, bool want_stats, bool want_grad, T w) {
+  T best_p = neg_inf<T>(), best_n = static_cast<T>(INFINITY);
+  int64_t jp = -1, jn = -1, np = 0, nn = 0;
+  bool has_nan = false;
+  for (int64_t j = 0; j < r.M; ++j) {
+    const bool same = r.lab[j] == r.li;
+    const T d = unit_distance(r.s[j]);
+    if (same && j != r.self_j) {
+      ++np;
+      has_nan |= d != d;
+      if (jp < 0 || d > best_p) {
+        best_p = d;
+        jp = j;
+      }
+    } else if (!same) {
+      ++nn;
+      has_nan |= d != d;
+      if (jn < 0 || d < best_n) {
+        best_n = d;
+        jn = j;
+      }
+    }
+  }
+  const bool valid = np > 0 && nn > 0;
+  T loss = valid ? relu((best_p - best_n) + margin) : T(0);
+  if (valid && has_nan) loss = std::numeric_limits<T>::quiet_NaN();
+  const bool counts = valid && row_counts(loss);
+  if (want_stats) {
+    T* st = r.stats;
+    st[kAux0] = static_cast<T>(jp);
+    st[kAux1] = static_cast<T>(jn);
+    st[kSum0] = loss;
+    st[kCount0] = counts ? T(1) : T(0);
+    st[kNumPos] = static_cast<T>(np);
+    st[kNumNeg] = static_cast<T>(nn);
+  }
+  if (!want_grad) return;
+  std::fill(r.s, r.s + r.M, T(0));
+  if (!counts || w == T(0)) return;
+  const T g = w * relu_grad(loss);
+  r.s[jp] = g * unit_distance_grad(best_p);
+  r.s[jn] = -g * unit_distance_grad(best_n);
+}
+
+// ---------------------------------------------------------------- dispatch over rows
+
+template <typename T, typename L>
+struct StripArgs {
+  T* S;
+  int64_t M;
+  int64_t row0;
+  const L* labels;
+  const L* ref_labels;
+  const PairwiseSpec* spec;
+  T* stats;          // (B, kNumRowStats)
+  const T* weights;  // (B, terms); backward only
+  bool want_grad;    // forward only
+  bool backward;
+};
+
+template <typename T, typename L>
+Row<T, L> row_at(const StripArgs<T, L>& a, int64_t r) {
+  const int64_t i = a.row0 + r;
+  return Row<T, L>{a.S + r * a.M, a.M, a.ref_labels, a.labels[i], self_column(*a.spec, i, a.M),
+                   a.stats + i * kNumRowStats};
+}
+
+template <typename T, typename L, typename Logits, typename Combine>
+SLF_CPU_MULTIVERSION void twoset_rows(const StripArgs<T, L>& a, const Logits& lg, const Combine& combine,
+                                      bool row_counted, int64_t r_begin, int64_t r_end) {
+  std::vector<T> buf(a.backward ? 0 : a.M);
   for (int64_t r = r_begin; r < r_end; ++r) {
-    const int64_t i = a.row0 + r;
-    twoset_backward_row<T, L, Logits>(a.S + r * a.M, a.ref_labels, a.labels[i], a.exclude_self ? i : int64_t(-1),
-                                      a.M, lg, a.stats + i * kNumRowStats, a.weights[i]);
+    const Row<T, L> row = row_at(a, r);
+    if (a.backward) {
+      twoset_backward(row, lg, combine, row_counted, a.weights[a.row0 + r]);
+    } else {
+      twoset_forward(row, buf.data(), lg, combine, row_counted, a.want_grad);
+    }
+  }
+}
+
+template <typename T, typename L>
+SLF_CPU_MULTIVERSION void other_rows(const StripArgs<T, L>& a, int64_t r_begin, int64_t r_end) {
+  const PairwiseSpec& spec = *a.spec;
+  const T p0 = static_cast<T>(spec.p[0]), p1 = static_cast<T>(spec.p[1]);
+  Scratch<T> sc(a.M);
+  const int64_t terms = spec.terms();
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const Row<T, L> row = row_at(a, r);
+    const T w0 = a.backward ? a.weights[(a.row0 + r) * terms] : T(1);
+    switch (spec.loss) {
+      case kSupCon:
+        a.backward ? supcon_backward(row, T(1) / p0, w0) : supcon_forward(row, sc.a.data(), T(1) / p0, a.want_grad);
+        break;
+      case kNTXent:
+        a.backward ? ntxent_backward(row, T(1) / p0, w0) : ntxent_forward(row, sc.a.data(), T(1) / p0, a.want_grad);
+        break;
+      case kContrastive:
+        if (a.backward) {
+          contrastive_backward(row, p0, p1, w0, a.weights[(a.row0 + r) * terms + 1]);
+        } else {
+          contrastive_forward(row, p0, p1);
+        }
+        break;
+      case kTripletAll: {
+        const bool skip = a.backward && (w0 == T(0));
+        if (skip) {
+          std::fill(row.s, row.s + row.M, T(0));
+        } else {
+          triplet_all_row(row, sc, p0, !a.backward, a.backward || a.want_grad, w0);
+        }
+        break;
+      }
+      case kTripletHard:
+        triplet_hard_row(row, p0, !a.backward, a.backward || a.want_grad,
+                         a.backward && row.stats[kCount0] == T(0) ? T(0) : w0);
+        break;
+      default:
+        TORCH_CHECK(false, "structloss_fast: loss ", spec.loss, " has no CPU epilogue");
+    }
   }
 }
 
 // Rows per parallel task: enough work per task (about 64k pairs) to amortize the scheduling.
 int64_t row_grain(int64_t M) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(M, 1)); }
 
-template <typename T, typename L, typename Fn>
-void with_logits(const PairwiseSpec& spec, Fn&& fn) {
-  if (spec.loss == kCircle) {
-    fn(CircleLogits<T>(static_cast<T>(spec.p0), static_cast<T>(spec.p1)));
-  } else {
-    fn(UnifiedLogits<T>(static_cast<T>(spec.p0), static_cast<T>(spec.p1)));
+template <typename T, typename L>
+void run_rows(const StripArgs<T, L>& a, int64_t rows) {
+  const PairwiseSpec& spec = *a.spec;
+  auto twoset = [&](const auto& lg, const auto& combine, bool row_counted) {
+    at::parallel_for(0, rows, row_grain(a.M),
+                     [&](int64_t b, int64_t e) { twoset_rows(a, lg, combine, row_counted, b, e); });
+  };
+  const T p0 = static_cast<T>(spec.p[0]), p1 = static_cast<T>(spec.p[1]), p2 = static_cast<T>(spec.p[2]);
+  const auto joint = [](T lp, T ln, bool hp, bool hn) { return combine_joint(lp, ln, hp, hn); };
+  switch (spec.loss) {
+    case kCircle:
+      return twoset(CircleLogits<T>(p0, p1), joint, true);
+    case kUnified:
+      return twoset(UnifiedLogits<T>(p0, p1), joint, true);
+    case kMultiSimilarity: {
+      const T ia = T(1) / p0, ib = T(1) / p1;
+      const auto separate = [ia, ib](T lp, T ln, bool, bool) { return combine_separate(lp, ln, ia, ib); };
+      return twoset(MultiSimilarityLogits<T>(p0, p1, p2), separate, false);
+    }
+    default:
+      at::parallel_for(0, rows, row_grain(a.M), [&](int64_t b, int64_t e) { other_rows(a, b, e); });
   }
 }
 
@@ -156,12 +593,9 @@ void cpu_forward(at::Tensor& S, int64_t row0, const at::Tensor& labels, const at
   dispatch_types(S, labels, [&](auto t0, auto l0) {
     using T = decltype(t0);
     using L = decltype(l0);
-    StripArgs<T, L> a{S.data_ptr<T>(), S.size(1), row0, labels.data_ptr<L>(), ref_labels.data_ptr<L>(),
-                      spec.exclude_self, row_stats.data_ptr<T>(), nullptr, want_grad};
-    with_logits<T, L>(spec, [&](const auto& lg) {
-      at::parallel_for(0, S.size(0), row_grain(a.M),
-                       [&](int64_t b, int64_t e) { twoset_forward_rows(a, lg, b, e); });
-    });
+    StripArgs<T, L> a{S.data_ptr<T>(), S.size(1), row0, labels.data_ptr<L>(), ref_labels.data_ptr<L>(), &spec,
+                      row_stats.data_ptr<T>(), nullptr, want_grad, false};
+    run_rows(a, S.size(0));
   });
 }
 
@@ -170,12 +604,9 @@ void cpu_backward(at::Tensor& S, int64_t row0, const at::Tensor& labels, const a
   dispatch_types(S, labels, [&](auto t0, auto l0) {
     using T = decltype(t0);
     using L = decltype(l0);
-    StripArgs<T, L> a{S.data_ptr<T>(), S.size(1), row0, labels.data_ptr<L>(), ref_labels.data_ptr<L>(),
-                      spec.exclude_self, const_cast<T*>(row_stats.data_ptr<T>()), row_weights.data_ptr<T>(), true};
-    with_logits<T, L>(spec, [&](const auto& lg) {
-      at::parallel_for(0, S.size(0), row_grain(a.M),
-                       [&](int64_t b, int64_t e) { twoset_backward_rows(a, lg, b, e); });
-    });
+    StripArgs<T, L> a{S.data_ptr<T>(), S.size(1), row0, labels.data_ptr<L>(), ref_labels.data_ptr<L>(), &spec,
+                      const_cast<T*>(row_stats.data_ptr<T>()), row_weights.data_ptr<T>(), true, true};
+    run_rows(a, S.size(0));
   });
 }
 
@@ -202,23 +633,32 @@ std::pair<at::Tensor, at::Tensor> compact_labels(const at::Tensor& labels, const
   return {labels.contiguous(), ref_labels.contiguous()};
 }
 
+// epilogue: "kernel" (this file's loops) or "aten" (the device-independent ATen epilogue,
+// exposed on CPU so that the CUDA backend's logic is tested here).
+const PairwiseEpilogue& pick(c10::string_view epilogue) {
+  if (epilogue == "aten") return kAtenEpilogue;
+  TORCH_CHECK(epilogue == "kernel" || epilogue == "auto", "structloss_fast: unknown epilogue '", epilogue, "'");
+  return kCpuEpilogue;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_loss_cpu(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
-    bool exclude_self, int64_t loss, at::ArrayRef<double> params, int64_t reduction, bool compute_grad) {
-  const PairwiseSpec spec = make_pairwise_spec(loss, params, exclude_self);
+    int64_t self_offset, bool ref_is_x, int64_t loss, at::ArrayRef<double> params, int64_t reduction,
+    int64_t grad_mode, c10::string_view epilogue) {
+  const PairwiseSpec spec = make_pairwise_spec(loss, params, self_offset, ref_is_x);
   check_pairwise_inputs(x, labels, ref, ref_labels, spec);
   auto [lab, ref_lab] = compact_labels(labels, ref_labels);
-  return pairwise_forward_driver(x, lab, ref, ref_lab, spec, reduction, compute_grad, kCpuEpilogue);
+  return pairwise_forward_driver(x, lab, ref, ref_lab, spec, reduction, grad_mode, pick(epilogue));
 }
 
 std::tuple<at::Tensor, at::Tensor> pairwise_loss_backward_cpu(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
-    const at::Tensor& row_stats, const at::Tensor& row_weights, bool exclude_self, int64_t loss,
-    at::ArrayRef<double> params) {
-  const PairwiseSpec spec = make_pairwise_spec(loss, params, exclude_self);
+    const at::Tensor& row_stats, const at::Tensor& row_weights, int64_t self_offset, bool ref_is_x, int64_t loss,
+    at::ArrayRef<double> params, bool ref_grad, c10::string_view epilogue) {
+  const PairwiseSpec spec = make_pairwise_spec(loss, params, self_offset, ref_is_x);
   check_pairwise_inputs(x, labels, ref, ref_labels, spec);
   auto [lab, ref_lab] = compact_labels(labels, ref_labels);
-  return pairwise_backward_driver(x, lab, ref, ref_lab, row_stats, row_weights, spec, kCpuEpilogue);
+  return pairwise_backward_driver(x, lab, ref, ref_lab, row_stats, row_weights, spec, ref_grad, pick(epilogue));
 }
 
 }  // namespace
