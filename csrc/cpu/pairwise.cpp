@@ -258,13 +258,12 @@ SLF_HD void ntxent_forward(const Row<T, L>& r, T* buf, T inv_t, bool want_grad) 
   st[kNumNeg] = static_cast<T>(cnt_n);
   if (!want_grad) return;
   const T c_n = cnt_n > 0 ? c * inv_t / sum_n : T(0);
+#pragma omp simd
   for (int64_t j = 0; j < r.M; ++j) {
     const bool same = r.lab[j] == r.li;
-    if (same) {
-      r.s[j] = j != r.self_j ? -inv_t * sigmoid(lse_n - r.s[j] * inv_t) : T(0);
-    } else {
-      r.s[j] = c_n * buf[j];
-    }
+    const T sig = T(1) / (T(1) + exp_fast(r.s[j] * inv_t - lse_n));  // sigmoid(lse_n - a_j)
+    const T g_pos = j != r.self_j ? -inv_t * sig : T(0);
+    r.s[j] = same ? g_pos : c_n * buf[j];
   }
 }
 
@@ -276,14 +275,12 @@ SLF_HD void ntxent_backward(const Row<T, L>& r, T inv_t, T w) {
     return;
   }
   const T lse_n = st[kAux0], c_n = w * st[kAux1] * inv_t;
+#pragma omp simd
   for (int64_t j = 0; j < r.M; ++j) {
     const bool same = r.lab[j] == r.li;
-    const T a = r.s[j] * inv_t;
-    if (same) {
-      r.s[j] = j != r.self_j ? -w * inv_t * sigmoid(lse_n - a) : T(0);
-    } else {
-      r.s[j] = c_n * exp_(a - lse_n);
-    }
+    const T e = exp_fast(r.s[j] * inv_t - lse_n);  // exp(a_j - lse_n)
+    const T g_pos = j != r.self_j ? -w * inv_t / (T(1) + e) : T(0);
+    r.s[j] = same ? g_pos : c_n * e;
   }
 }
 
@@ -427,32 +424,34 @@ void triplet_all_row(const Row<T, L>& r, Scratch<T>& sc, T margin, bool want_sta
 // Hardest positive (largest d, first on ties) and hardest negative (smallest d, first on
 // ties): relu(d_p* - d_n* + margin) for anchors that have both.
 template <typename T, typename L>
-void triplet_hard_row(const Row<T, L>& r, T margin, bool want_stats, bool want_grad, T w) {
-  T best_p = neg_inf<T>(), best_n = static_cast<T>(INFINITY);
-  int64_t jp = -1, jn = -1, np = 0, nn = 0;
-  bool has_nan = false;
+SLF_HD void triplet_hard_row(const Row<T, L>& r, T* buf, T margin, bool want_stats, bool want_grad, T w) {
+  const T inf = static_cast<T>(INFINITY);
+  T best_p = -inf, best_n = inf;
+  int64_t np = 0, nn = 0, n_nan = 0;
+#pragma omp simd reduction(max : best_p) reduction(min : best_n) reduction(+ : np, nn, n_nan)
   for (int64_t j = 0; j < r.M; ++j) {
     const bool same = r.lab[j] == r.li;
+    const bool pos = same && j != r.self_j;
     const T d = unit_distance(r.s[j]);
-    if (same && j != r.self_j) {
-      ++np;
-      has_nan |= d != d;
-      if (jp < 0 || d > best_p) {
-        best_p = d;
-        jp = j;
-      }
-    } else if (!same) {
-      ++nn;
-      has_nan |= d != d;
-      if (jn < 0 || d < best_n) {
-        best_n = d;
-        jn = j;
-      }
-    }
+    buf[j] = d;
+    const T vp = pos ? d : -inf;
+    const T vn = same ? inf : d;
+    best_p = best_p > vp ? best_p : vp;  // canonical max/min forms, see twoset_forward
+    best_n = best_n < vn ? best_n : vn;
+    np += pos ? 1 : 0;
+    nn += same ? 0 : 1;
+    n_nan += ((pos || !same) && d != d) ? 1 : 0;
+  }
+  // The first positive at the maximum and the first negative at the minimum.
+  int64_t jp = -1, jn = -1;
+  for (int64_t j = 0; j < r.M && (jp < 0 || jn < 0); ++j) {
+    const bool same = r.lab[j] == r.li;
+    if (jp < 0 && same && j != r.self_j && buf[j] == best_p) jp = j;
+    if (jn < 0 && !same && buf[j] == best_n) jn = j;
   }
   const bool valid = np > 0 && nn > 0;
   T loss = valid ? relu((best_p - best_n) + margin) : T(0);
-  if (valid && has_nan) loss = std::numeric_limits<T>::quiet_NaN();
+  if (valid && n_nan > 0) loss = std::numeric_limits<T>::quiet_NaN();
   const bool counts = valid && row_counts(loss);
   if (want_stats) {
     T* st = r.stats;
@@ -466,6 +465,10 @@ void triplet_hard_row(const Row<T, L>& r, T margin, bool want_stats, bool want_g
   if (!want_grad) return;
   std::fill(r.s, r.s + r.M, T(0));
   if (!counts || w == T(0)) return;
+  if (n_nan > 0) {  // a NaN distance: the extremes are undefined, the gradient is NaN
+    std::fill(r.s, r.s + r.M, std::numeric_limits<T>::quiet_NaN());
+    return;
+  }
   const T g = w * relu_grad(loss);
   r.s[jp] = g * unit_distance_grad(best_p);
   r.s[jn] = -g * unit_distance_grad(best_n);
@@ -541,7 +544,7 @@ SLF_CPU_MULTIVERSION void other_rows(const StripArgs<T, L>& a, int64_t r_begin, 
         break;
       }
       case kTripletHard:
-        triplet_hard_row(row, p0, !a.backward, a.backward || a.want_grad,
+        triplet_hard_row(row, sc.a.data(), p0, !a.backward, a.backward || a.want_grad,
                          a.backward && row.stats[kCount0] == T(0) ? T(0) : w0);
         break;
       default:
