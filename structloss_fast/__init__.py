@@ -6,3 +6,8 @@ from ._ext import BackendUnavailable
 from .pairwise import CircleLoss, UnifiedLoss, circle_loss, unified_loss
 
 __all__ = ["BackendUnavailable", "CircleLoss", "UnifiedLoss", "circle_loss", "unified_loss", "__version__"]
+
+# sgld / jem family
+from .sgld import SGLD_VARIANTS, sgld_step_  # noqa: E402
+
+__all__ += ["SGLD_VARIANTS", "sgld_step_"]
