@@ -8,6 +8,16 @@ from .pairwise import CircleLoss, UnifiedLoss, circle_loss, unified_loss
 __all__ = ["BackendUnavailable", "CircleLoss", "UnifiedLoss", "circle_loss", "unified_loss", "__version__"]
 
 # sgld / jem family
+from .jem import (  # noqa: E402
+    JEMDivergenceError, JEMTrainer, ReplayBuffer, SGLDSampler, class_gaussian_init, jem_loss,
+)
+from .jem_eval import (  # noqa: E402
+    expected_calibration_error, ood_auroc, pgd_attack, reliability_diagram, robust_accuracy,
+)
 from .sgld import SGLD_VARIANTS, sgld_step_  # noqa: E402
 
-__all__ += ["SGLD_VARIANTS", "sgld_step_"]
+__all__ += [
+    "SGLD_VARIANTS", "sgld_step_", "ReplayBuffer", "SGLDSampler", "JEMTrainer", "JEMDivergenceError", "jem_loss",
+    "class_gaussian_init", "expected_calibration_error", "reliability_diagram", "ood_auroc", "pgd_attack",
+    "robust_accuracy",
+]

@@ -541,3 +541,21 @@ def test_cuda_graph_capture_replays_fresh_noise():
     assert not torch.equal(first, second)
     for z in (first, second):
         assert abs(z.mean().item()) < 0.02 and abs(z.std().item() - 1) < 0.02
+
+
+def test_cpu_step_allocates_no_temporary():
+    """One pass in place: no tensor allocation at all during the step (the composite update
+    allocates several tensors of x's size)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, grad, _ = inputs((64, 3, 32, 32), torch.float32)
+
+    def allocated(fn):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        return sum(max(e.cpu_memory_usage, 0) for e in prof.events())
+
+    fused = allocated(lambda: slf.sgld_step_(x, grad, step_size=1.0, noise_std=0.01))
+    composite = allocated(lambda: x.data.add_(1.0 * grad + 0.01 * torch.randn_like(x)))
+    assert composite >= 3 * x.nbytes  # the check can see temporaries
+    assert fused < x.nbytes // 16, f"the fused step allocated {fused} bytes"
