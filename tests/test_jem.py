@@ -21,6 +21,16 @@ from structloss_fast.jem_models import SmallCNN
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread is as fast, and far faster when the cores are shared
+    (OpenMP waits on descheduled threads). Correctness does not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- ReplayBuffer
 
 
@@ -480,3 +490,16 @@ def test_digits_example_short_config(tmp_path):
         assert words in out, out
     for name in ("reliability.png", "samples.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_docs_examples_run(tmp_path, monkeypatch):
+    """The python blocks of docs/jem.md run as written (small sizes are theirs)."""
+    import re
+
+    text = open(os.path.join(ROOT, "docs", "jem.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "docs/jem.md", "exec"), {"__name__": "docs_example"})
+    assert (tmp_path / "reliability.png").exists()

@@ -1,11 +1,10 @@
 // CPU kernel of the fused SGLD step (structloss_fast::sgld_step_): one pass over x, reading x
 // and grad (and the noise tensor when one is given), writing x; the Gaussian noise is
-// generated in the kernel, tile by tile into a 2 KiB buffer that stays in L1, from counter-based
+// generated in the kernel, tile by tile into 2 KiB buffers that stay in L1, from counter-based
 // Philox keyed by one 64-bit draw of the CPU generator. The noise of element i depends only on
 // (seed, i), so the result does not depend on the thread count (at::parallel_for over tiles).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

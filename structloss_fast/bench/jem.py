@@ -157,6 +157,28 @@ def chain_model_floor(size, device):
     return run
 
 
+def chain_sampler_overhead(size, device):
+    """The sampler's own work alone (no model): buffer draw with re-initialisation, 20 fused steps
+    through the sampler's pre-validated step function (on a fixed gradient), write-back. The
+    sampler's overhead fraction is this time / the structloss_fast chain time."""
+    from ..jem import ReplayBuffer, SGLDSampler
+
+    model = _digits_model(size, device)
+    buffer = ReplayBuffer(BUFFER, (1, 8, 8), device=device)
+    sampler = SGLDSampler(model, buffer, n_steps=N_STEPS, step_size=STEP, noise_std=STD)
+    grad = torch.randn(size["B"], 1, 8, 8, generator=torch.Generator().manual_seed(2)).to(device)
+
+    def run():
+        x0, idx = buffer.sample(size["B"])
+        x = x0.detach().clone().requires_grad_(True)
+        step = sampler._step_fn(x)
+        for _ in range(N_STEPS):
+            step(x.detach(), grad)
+        buffer.update(idx, x.detach())
+
+    return run
+
+
 register(Case(
     family="jem",
     name="sgld_chain",
@@ -166,10 +188,11 @@ register(Case(
         "structloss_fast": chain_sampler,
         "authors_loop": chain_authors,
         "model_floor": chain_model_floor,
+        "sampler_overhead": chain_sampler_overhead,
     },
     sizes=[{"B": 64, "width": 16, "threads": 1}],
     full_sizes=[{"B": 64, "width": 16, "threads": 1}, {"B": 64, "width": 32, "threads": 1},
                 {"B": 64, "width": 16, "threads": 2}, {"B": 256, "width": 32, "threads": 2}],
-    reference_points=("model_floor",),
+    reference_points=("model_floor", "sampler_overhead"),
     mode="sample() call",
 ))
