@@ -128,7 +128,8 @@ def reliability_diagram(probs: Tensor, labels: Tensor, path: Optional[str] = Non
     ax.bar(centers, acc, width=width, edgecolor="black", color="tab:blue", label=f"accuracy (ECE {100 * ece:.2f}%)")
     gap_bottom = [min(a, c) for a, c in zip(acc, conf)]
     gap = [abs(a - c) if not e else 0 for a, c, e in zip(acc, conf, empty)]
-    ax.bar(centers, gap, bottom=gap_bottom, width=width, color="tab:red", alpha=0.35, label="gap to confidence")
+    ax.bar(centers, gap, bottom=gap_bottom, width=width, fill=False, hatch="///", edgecolor="tab:red",
+           linewidth=0.0, label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
