@@ -559,3 +559,29 @@ def test_cpu_step_allocates_no_temporary():
     composite = allocated(lambda: x.data.add_(1.0 * grad + 0.01 * torch.randn_like(x)))
     assert composite >= 3 * x.nbytes  # the check can see temporaries
     assert fused < x.nbytes // 16, f"the fused step allocated {fused} bytes"
+
+
+def test_portable_philox_path_matches_avx2_path(tmp_path):
+    """The portable Philox loop (CPUs without AVX2) gives the same noise bits as the AVX2 path."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, structloss_fast\n"
+        "out = {}\n"
+        "for dt in (torch.float32, torch.float64):\n"
+        "    x = torch.zeros(70001, dtype=dt)\n"
+        "    torch.ops.structloss_fast.sgld_step_(x, torch.zeros_like(x), None, 0.0, 1.0, [], [], False, None,"
+        " [987654321, 3])\n"
+        "    out[str(dt)] = x\n"
+        f"torch.save(out, {str(tmp_path / 'noise.pt')!r})\n"
+    )
+    for flag in ("0", "1"):
+        env = dict(os.environ, STRUCTLOSS_FAST_SGLD_PORTABLE=flag)
+        subprocess.run([sys.executable, "-c", code], check=True, env=env)
+        os.replace(tmp_path / "noise.pt", tmp_path / f"noise{flag}.pt")
+    avx, portable = torch.load(tmp_path / "noise0.pt"), torch.load(tmp_path / "noise1.pt")
+    for key in avx:
+        assert torch.equal(avx[key], portable[key]), key
+        assert (avx[key] - expected_noise(70001, 987654321, 3, getattr(torch, key.split(".")[1]))).abs().max() < 2e-6

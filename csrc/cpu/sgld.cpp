@@ -13,6 +13,7 @@
 #endif
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <type_traits>
@@ -99,7 +100,10 @@ __attribute__((target("avx2"))) void philox_tile_avx2(uint32_t* __restrict w, in
 
 using PhiloxTileFn = void (*)(uint32_t*, int64_t, PhiloxArgs);
 
+// STRUCTLOSS_FAST_SGLD_PORTABLE=1 forces the portable loop (tests compare the two paths).
 PhiloxTileFn pick_philox_tile() {
+  const char* force = std::getenv("STRUCTLOSS_FAST_SGLD_PORTABLE");
+  if (force != nullptr && force[0] == '1') return &philox_tile_portable;
 #ifdef SLF_SGLD_AVX2
   if (__builtin_cpu_supports("avx2")) return &philox_tile_avx2;
 #endif
