@@ -25,6 +25,18 @@ TORCH_LIBRARY(structloss_fast, m) {
   // ---- softmax family (structloss_fast/ops/softmax.py) ----
 
   // ---- sgld / jem family (structloss_fast/ops/sgld.py) ----
+  // One fused SGLD step, in place on x (csrc/common/sgld_math.h):
+  //   y = x + step_coef * clamp(grad, grad_clamp); y += noise_coef * eps (before or after the
+  //   optional clamp of y to x_clamp, by noise_after_clamp).
+  // eps is `noise` when given, else standard normals generated in the kernel (none when
+  // noise_coef is 0) by Philox keyed from `generator` (the device's default generator when
+  // None): on CPU one 64-bit draw per call, on CUDA the generator's Philox (seed, offset), so
+  // torch.manual_seed reproduces the step and it can be captured in a CUDA graph. philox =
+  // [seed, counter] overrides the generator (tests). grad_clamp / x_clamp: [] or [lo, hi].
+  m.def(
+      "sgld_step_(Tensor(a!) x, Tensor grad, Tensor? noise, float step_coef, float noise_coef, float[] grad_clamp, "
+      "float[] x_clamp, bool noise_after_clamp, Generator? generator, int[] philox) -> ()",
+      {at::Tag::nondeterministic_seeded});
 
   // ---- cg / taskmet family (structloss_fast/ops/cg.py) ----
 

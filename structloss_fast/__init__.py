@@ -25,3 +25,18 @@ from .pairwise import (
 
 __all__ = ["BackendUnavailable", "CrossBatchMemory", "DistributedPairwiseLoss", "__version__"]
 __all__ += pairwise.__all__
+
+# sgld / jem family
+from .jem import (  # noqa: E402
+    JEMDivergenceError, JEMTrainer, ReplayBuffer, SGLDSampler, class_gaussian_init, jem_loss,
+)
+from .jem_eval import (  # noqa: E402
+    expected_calibration_error, ood_auroc, pgd_attack, reliability_diagram, robust_accuracy,
+)
+from .sgld import SGLD_VARIANTS, sgld_step_  # noqa: E402
+
+__all__ += [
+    "SGLD_VARIANTS", "sgld_step_", "ReplayBuffer", "SGLDSampler", "JEMTrainer", "JEMDivergenceError", "jem_loss",
+    "class_gaussian_init", "expected_calibration_error", "reliability_diagram", "ood_auroc", "pgd_attack",
+    "robust_accuracy",
+]
