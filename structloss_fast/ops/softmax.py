@@ -107,7 +107,7 @@ def _tracing(t: Optional[Tensor]) -> bool:
 def _consume(ctx, name: str) -> Optional[Tensor]:
     """The gradient buffer written by the forward, handed out once (None afterwards)."""
     buf = getattr(ctx, name, None)
-    if buf is not None and not _tracing(buf):
+    if buf is not None and not _tracing(buf[0] if isinstance(buf, tuple) else buf):
         setattr(ctx, name, None)
     return buf
 
@@ -162,6 +162,7 @@ def _make_linear_backward(backward_op):
                 if need[k]:
                     g = grads[k]
                     out[k] = g * grad_loss.to(g.dtype) if _tracing(g) else g.mul_(grad_loss.to(g.dtype))
+            ctx.grads = None
         else:
             w = row_weights(grad_loss, target, class_weight, ignore_index, reduction, row_stats.dtype, weight.shape[0])
             gx, gw, gb = backward_op(input, weight, bias, target, class_weight, row_stats, w, ignore_index, transform,

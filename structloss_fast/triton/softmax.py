@@ -239,7 +239,7 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, 
         g_y = tl.load(st + 3).to(ACC)
         g_hi = tl.load(st + 4).to(ACC)
         m_o = tl.load(st + 5).to(ACC)
-        has_hi = tl.load(st + 6).to(ACC) == 1.0
+        has_hi = tl.load(st + 6).to(tl.int32) == 1
     if WRITE_GRAD:
         # ---- phase 3: the gradient, scaled by the row's weight
         sc = tl.load(RS + row * stride_rs).to(ACC)
