@@ -23,8 +23,8 @@ TORCH_LIBRARY(structloss_fast, m) {
   // margin-head cosines with a logit transform. transform: SoftmaxTransform
   // (csrc/common/softmax_math.h); params: log_end, bonus_weight, label_smoothing, eps, t0, t1;
   // reduction: 0 none, 1 mean (over the class weights of the non-ignored targets), 2 sum.
-  // With compute_grad, grad_logits (N, C) holds the gradient of the reduced loss (of each row's
-  // own loss for 'none'), written during the forward; otherwise it is (0, C).
+  // With compute_grad, grad_logits (N, C) holds each row's own gradient dl_i/dlogits_i (not yet
+  // scaled by the reduction), written during the forward; otherwise it is (0, C).
   // row_stats (N, 7): see SoftmaxStat.
   m.def(
       "softmax_loss(Tensor logits, Tensor target, Tensor? class_weight, int ignore_index, int transform, "

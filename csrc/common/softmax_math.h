@@ -42,7 +42,10 @@ enum SoftmaxStat : int64_t {
   kSmGradHi = 4,      // dl/dz of the unique largest non-target logit (label smoothing)
   kSmMaxOther = 5,    // largest non-target logit
   kSmCountMax = 6,    // how many non-target logits equal it
-  kNumSoftmaxStats = 7,
+  kSmMax = 7,         // the row's largest logit m, and
+  kSmLogSum = 8,      // log sum_k exp(z_k - m) (L = m + this; p_j = exp((z_j - m) - this) keeps
+                      // z_j - m exact instead of carrying L's rounding into every p_j)
+  kNumSoftmaxStats = 9,
 };
 
 // params (float[]) of the ops: log_end, bonus_weight, label_smoothing, eps, t0, t1 where

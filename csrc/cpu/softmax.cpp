@@ -46,7 +46,7 @@ struct RowState {
   bool ignored = true;
   int64_t y = 0;
   T raw_y = T(0), z_y = T(0), wy = T(0);
-  T L = T(0), m_o = T(0);
+  T L = T(0), m_o = T(0), mx = T(0), log_s = T(0);
   int64_t n_o = 0;
   T p_y = T(0), q_y = T(0), p_hi = T(0), q_hi = T(0);
   Bonus<T> by{T(0), T(0), T(0)};
@@ -112,7 +112,9 @@ void finalize_stats(RowState<T>& r, const Transform<T>& tr, const ElParams<T>& e
   const T e_o = (st.s_below + static_cast<T>(st.n_at_max)) * scale_o;
   const T e_y = exp_(r.z_y - m);
   const T s_all = e_o + e_y;
-  r.L = m + log_(s_all);
+  r.mx = m;
+  r.log_s = log_(s_all);
+  r.L = m + r.log_s;
   r.p_y = e_y / s_all;
   r.q_y = e_o / s_all;
   if (st.n_at_max == 1) {
@@ -120,7 +122,7 @@ void finalize_stats(RowState<T>& r, const Transform<T>& tr, const ElParams<T>& e
     r.q_hi = (st.s_below * scale_o + e_y) / s_all;
   }
   r.by = bonus_of(r.p_y, r.q_y, el);
-  r.f_y = (r.L - r.z_y) + el.rho * r.by.b;
+  r.f_y = ((m - r.z_y) + r.log_s) + el.rho * r.by.b;
 }
 
 // Phase 2 (label smoothing only) over a segment: sums over the non-target classes other than
@@ -128,7 +130,7 @@ void finalize_stats(RowState<T>& r, const Transform<T>& tr, const ElParams<T>& e
 template <int64_t K, typename In, typename T>
 SLF_HD void phase2_segment(const In* raw, const T* cw, int64_t len, int64_t y_local, const Transform<T>& tr,
                            const ElParams<T>& el, RowState<T>& r) {
-  const T L = r.L, m_o = r.m_o;
+  const T mx = r.mx, log_s = r.log_s, m_o = r.m_o;
   const bool has_hi = r.n_o == 1;
   const bool has_le = el.has_le;
   const T log_end = el.log_end, log1m_le = el.log1m_le, inv_1m_le = el.inv_1m_le, rho = el.rho, eps = el.eps,
@@ -137,14 +139,15 @@ SLF_HD void phase2_segment(const In* raw, const T* cw, int64_t len, int64_t y_lo
 #pragma omp simd reduction(+ : a, f, whi)
   for (int64_t j = 0; j < len; ++j) {
     const T z = tr.template other<K>(static_cast<T>(raw[j]));
-    const T p = exp_fast(z - L);
+    const T d = (z - mx) - log_s;  // log p
+    const T p = exp_fast(d);
     const T q = T(1) - p;
     const bool cons = has_le && p > log_end;
     const bool clamped = !(q >= eps);
     const T b = cons ? log1m_le - (p - log_end) * inv_1m_le : (clamped ? log_eps : log1p_neg_fast(p));
     const T h = cons ? T(1) + rho * p * inv_1m_le : (clamped ? T(1) : T(1) + rho * p / q);
     const T w = cw[j];
-    const T fj = (L - z) + rho * b;
+    const T fj = rho * b - d;
     const bool skip = j == y_local;
     const bool hi = has_hi && (z == m_o) && !skip;
     a += (skip || hi) ? T(0) : w * h;
@@ -174,7 +177,7 @@ void finalize_grad(RowState<T>& r, const ElParams<T>& el, int64_t C) {
   T f_hi = T(0);
   if (has_hi) {
     hi = bonus_of(r.p_hi, r.q_hi, el);
-    f_hi = (r.L - r.m_o) + el.rho * hi.b;
+    f_hi = ((r.mx - r.m_o) + r.log_s) + el.rho * hi.b;
   }
   const T why = wy * r.by.h;
   const T sum_wh = r.a_rest + (has_hi ? r.w_hi * hi.h : T(0));
@@ -188,7 +191,7 @@ void finalize_grad(RowState<T>& r, const ElParams<T>& el, int64_t C) {
 template <int64_t K, bool LS, typename In, typename T, typename Out>
 SLF_HD void phase3_segment(const In* raw, Out* out, const T* cw, int64_t len, int64_t y_local, const Transform<T>& tr,
                            const ElParams<T>& el, const RowState<T>& r, T scale, int64_t C) {
-  const T L = r.L, S = r.S, m_o = r.m_o, g_hi = r.g_hi;
+  const T mx = r.mx, log_s = r.log_s, S = r.S, m_o = r.m_o, g_hi = r.g_hi;
   const bool has_hi = r.n_o == 1;
   const bool has_le = el.has_le;
   const T log_end = el.log_end, inv_1m_le = el.inv_1m_le, rho = el.rho, eps = el.eps;
@@ -197,7 +200,7 @@ SLF_HD void phase3_segment(const In* raw, Out* out, const T* cw, int64_t len, in
   for (int64_t j = 0; j < len; ++j) {
     const T rj = static_cast<T>(raw[j]);
     const T z = tr.template other<K>(rj);
-    const T p = exp_fast(z - L);
+    const T p = exp_fast((z - mx) - log_s);
     T g;
     if constexpr (LS) {
       const T q = T(1) - p;
@@ -226,6 +229,8 @@ void store_stats(const RowState<T>& r, T* s) {
   s[kSmGradHi] = r.g_hi;
   s[kSmMaxOther] = r.m_o;
   s[kSmCountMax] = static_cast<T>(r.n_o);
+  s[kSmMax] = r.mx;
+  s[kSmLogSum] = r.log_s;
 }
 
 template <typename T>
@@ -237,6 +242,8 @@ void load_stats(RowState<T>& r, const T* s) {
   r.g_hi = s[kSmGradHi];
   r.m_o = s[kSmMaxOther];
   r.n_o = static_cast<int64_t>(s[kSmCountMax]);
+  r.mx = s[kSmMax];
+  r.log_s = s[kSmLogSum];
 }
 
 template <typename T>
@@ -422,7 +429,7 @@ Tensor class_weights_or_ones(const std::optional<Tensor>& class_weight, int64_t 
 }
 
 Tensor reduce_loss(const Tensor& row_loss, int64_t reduction, double denom, at::ScalarType out_dtype) {
-  if (reduction == kSmNone) return row_loss.to(out_dtype);
+  if (reduction == kSmNone) return row_loss.to(out_dtype, /*non_blocking=*/false, /*copy=*/true);
   Tensor total = row_loss.sum();
   if (reduction == kSmMean) total = total / denom;
   return total.to(out_dtype);
@@ -456,7 +463,7 @@ std::tuple<Tensor, Tensor, Tensor> softmax_loss_cpu(const Tensor& logits_in, con
     const ElParams<T> el(params[kPLogEnd], params[kPRho], params[kPSmooth], params[kPEps]);
     RowsArgs<In, T, In> a{logits.data_ptr<In>(), compute_grad ? grad.data_ptr<In>() : nullptr, C, C, C,
                           target.data_ptr<int64_t>(), ignore_index, cw.data_ptr<T>(), stats.data_ptr<T>(), nullptr,
-                          reduction == kSmMean ? T(1) / denom : T(1), &tr, &el};
+                          T(1), &tr, &el};
     with_transform(transform, [&](auto k) {
       constexpr int64_t K = decltype(k)::value;
       at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) { forward_rows<K>(a, b, e); });

@@ -3,10 +3,13 @@
 ::linear_softmax_loss_backward; CPU kernels in csrc/cpu/softmax.cpp) and the Triton ops
 (structloss_fast::softmax_loss_triton, ... ; kernels in structloss_fast/triton/softmax.py).
 
-The forward writes the gradient whenever a backward will follow (compute_grad / grad_mask);
-the backward then scales that buffer in place by the upstream gradient, so no second
-N x C buffer is made. A second backward through the same graph (retain_graph=True), or a
-graph traced by torch.compile, recomputes or scales out of place instead.
+The forward writes the gradient whenever a backward will follow (compute_grad / grad_mask).
+softmax_loss: the (N, C) buffer holds each row's own gradient and the backward scales it in
+place by the row weights (upstream gradient, / the mean's denominator), so no second N x C
+buffer is made; a second backward through the same graph (retain_graph=True) recomputes it
+from the saved row statistics with the same products, and a graph traced by torch.compile
+scales out of place. linear_softmax_loss: the forward accumulates the gradients of the reduced
+loss, (N, H), (C, H) and (C,), which the backward scales out of place.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from .. import _ext
 # Must match SoftmaxTransform / SoftmaxStat / SoftmaxParam in csrc/common/softmax_math.h.
 TRANSFORM_IDS = {"identity": 0, "normface": 1, "cosface": 2, "arcface": 3, "circle": 4}
 REDUCTION_IDS = {"none": 0, "mean": 1, "sum": 2}
-NUM_ROW_STATS = 7
+NUM_ROW_STATS = 9
 ROW_LOSS = 1
 
 
@@ -46,7 +49,7 @@ def _fake_forward(logits, target, class_weight, ignore_index, transform, params,
 
 
 def _fake_backward(logits, target, class_weight, row_stats, row_weights, ignore_index, transform, params):
-    torch._check(row_stats.shape == (logits.shape[0], NUM_ROW_STATS), lambda: "row_stats must be (N, 7)")
+    torch._check(row_stats.shape == (logits.shape[0], NUM_ROW_STATS), lambda: "row_stats must be (N, 9)")
     torch._check(row_weights.shape == (logits.shape[0],), lambda: "row_weights must be (N,)")
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
@@ -126,14 +129,12 @@ def _make_backward(backward_op):
     def backward(ctx, grad_loss, _g_stats, _g_grad):
         logits, target, class_weight, row_stats = ctx.saved_tensors
         ignore_index, transform, params, reduction = ctx.spec
+        w = row_weights(grad_loss, target, class_weight, ignore_index, reduction, row_stats.dtype, logits.shape[1])
         buf = _consume(ctx, "grad_buf")
         if buf is not None:
-            go = grad_loss.to(buf.dtype)
-            if reduction == REDUCTION_IDS["none"]:
-                go = go.reshape(-1, 1)
-            g = buf * go if _tracing(buf) else buf.mul_(go)
+            # buf holds each row's own gradient; the same products as the recomputing kernel.
+            g = buf * w.unsqueeze(1) if _tracing(buf) else buf.mul_(w.unsqueeze(1))
         else:
-            w = row_weights(grad_loss, target, class_weight, ignore_index, reduction, row_stats.dtype, logits.shape[1])
             g = backward_op(logits, target, class_weight, row_stats, w, ignore_index, transform, params)
         return g, None, None, None, None, None, None, None
 
@@ -155,14 +156,14 @@ def _make_linear_backward(backward_op):
         input, weight, bias, target, class_weight, row_stats = ctx.saved_tensors
         ignore_index, transform, params, reduction, grad_mask, row_chunk, class_tile = ctx.spec
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
-        grads = _consume(ctx, "grads")
+        grads = ctx.grads
         out = [None, None, None]
         if grads is not None and all(m or not n for m, n in zip(grad_mask, need)):
+            # The forward's gradients of the reduced loss are (N, H) / (C, H) / (C,): scaled out
+            # of place, so that retain_graph works and the result is reentrant.
             for k in range(3):
                 if need[k]:
-                    g = grads[k]
-                    out[k] = g * grad_loss.to(g.dtype) if _tracing(g) else g.mul_(grad_loss.to(g.dtype))
-            ctx.grads = None
+                    out[k] = grads[k] * grad_loss.to(grads[k].dtype)
         else:
             w = row_weights(grad_loss, target, class_weight, ignore_index, reduction, row_stats.dtype, weight.shape[0])
             gx, gw, gb = backward_op(input, weight, bias, target, class_weight, row_stats, w, ignore_index, transform,

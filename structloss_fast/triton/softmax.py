@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-NUM_ROW_STATS = 7
+NUM_ROW_STATS = 9
 # Logits elements of one fused-linear row chunk (float32): 32 MiB, as the CPU kernels.
 CHUNK_ELEMS = 1 << 23
 
@@ -40,11 +40,11 @@ def _other(r, K: tl.constexpr, t0, t1):
 @triton.jit
 def _other_grad(r, K: tl.constexpr, t0, t1):
     if K == 0:
-        return r * 0.0 + 1.0
+        return tl.zeros_like(r) + 1.0
     elif K == 4:
         return t0 * _relu(r + t1)
     else:
-        return r * 0.0 + t0
+        return tl.zeros_like(r) + t0
 
 
 @triton.jit
@@ -66,16 +66,16 @@ def _target(r, K: tl.constexpr, t0, t1, cos_m, sin_m, arc_th, arc_mm):
 @triton.jit
 def _target_grad(r, K: tl.constexpr, t0, t1, cos_m, sin_m, arc_th, arc_mm):
     if K == 0:
-        return r * 0.0 + 1.0
+        return tl.zeros_like(r) + 1.0
     elif K == 3:
         sine = tl.sqrt(tl.where(1.0 - r * r < 0.0, 0.0, 1.0 - r * r))
         inside = (r <= 1.0) & (r >= -1.0)
-        g = tl.where(r >= arc_th, t0 * (cos_m + sin_m * r / sine), r * 0.0 + t0)
+        g = tl.where(r >= arc_th, t0 * (cos_m + sin_m * r / sine), tl.zeros_like(r) + t0)
         return tl.where(inside, g, 0.0)
     elif K == 4:
         return t0 * _relu(1.0 + t1 - r)
     else:
-        return r * 0.0 + t0
+        return tl.zeros_like(r) + t0
 
 
 @triton.jit
@@ -139,10 +139,10 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, 
     if HAS_W:
         wy = tl.load(CW + y_safe).to(ACC)
     else:
-        wy = raw_y * 0.0 + 1.0
+        wy = tl.zeros_like(raw_y) + 1.0
     offs = tl.arange(0, BLOCK)
     lsC = ls / C
-    st = STATS + row * 7
+    st = STATS + row * 9
     if MODE == 0:
         # ---- phase 1: online max / sum-exp of the non-target logits
         m_o = tl.full((), float("-inf"), ACC)
@@ -171,14 +171,15 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, 
         e_o = (s_below + n_o.to(ACC)) * scale_o
         e_y = tl.exp(z_y - mx)
         s_all = e_o + e_y
-        L = mx + tl.log(s_all)
+        log_s = tl.log(s_all)
+        L = mx + log_s
         p_y = e_y / s_all
         q_y = e_o / s_all
         has_hi = n_o == 1
         p_hi = scale_o / s_all
         q_hi = (s_below * scale_o + e_y) / s_all
         b_y, h_y, hq_y = _bonus(p_y, q_y, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE)
-        f_y = (L - z_y) + rho * b_y
+        f_y = ((mx - z_y) + log_s) + rho * b_y
         why = wy * h_y
         if LS:
             # ---- phase 2: label-smoothing sums over the classes other than y and the largest
@@ -191,22 +192,23 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, 
                 valid = ok & (cols != y)
                 r = tl.load(x_row + cols, mask=ok, other=0.0).to(ACC)
                 z = _other(r, K, t0, t1)
-                p = tl.exp(z - L)
+                d = (z - mx) - log_s
+                p = tl.exp(d)
                 b, h = _small_class_terms(p, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE)
                 if HAS_W:
                     w = tl.load(CW + cols, mask=ok, other=0.0).to(ACC)
                 else:
-                    w = r * 0.0 + 1.0
+                    w = tl.zeros_like(r) + 1.0
                 hi = has_hi & (z == m_o) & valid
                 small = valid & (~hi)
                 a_acc += tl.where(small, w * h, 0.0)
-                f_acc += tl.where(small, w * ((L - z) + rho * b), 0.0)
+                f_acc += tl.where(small, w * (rho * b - d), 0.0)
                 whi_acc += tl.where(hi, w, 0.0)
             a_rest = tl.sum(a_acc, 0)
             f_rest = tl.sum(f_acc, 0)
             w_hi = tl.sum(whi_acc, 0)
             b_hi, h_hi, hq_hi = _bonus(p_hi, q_hi, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE)
-            f_hi = (L - m_o) + rho * b_hi
+            f_hi = ((mx - m_o) + log_s) + rho * b_hi
             sum_wh = a_rest + tl.where(has_hi, w_hi * h_hi, 0.0)
             S = (1.0 - ls) * why + lsC * (why + sum_wh)
             g_y = -((1.0 - ls) + lsC) * wy * hq_y + p_y * lsC * sum_wh
@@ -215,10 +217,10 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, 
         else:
             S = why
             g_y = -wy * hq_y
-            g_hi = S * 0.0
+            g_hi = tl.zeros_like(S)
             loss = wy * f_y
         nan = float("nan")
-        zero = loss * 0.0
+        zero = tl.zeros_like(loss)
         L = tl.where(ignored, zero, tl.where(bad, nan, L))
         loss = tl.where(ignored, zero, tl.where(bad, nan, loss))
         S = tl.where(ignored, zero, S)
@@ -226,6 +228,8 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, 
         g_hi = tl.where(ignored, zero, g_hi)
         m_o = tl.where(ignored, zero, m_o)
         n_o = tl.where(ignored, 0, n_o)
+        mx = tl.where(ignored, zero, mx)
+        log_s = tl.where(ignored, zero, log_s)
         tl.store(st + 0, L)
         tl.store(st + 1, loss)
         tl.store(st + 2, S)
@@ -233,9 +237,12 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, 
         tl.store(st + 4, g_hi)
         tl.store(st + 5, m_o)
         tl.store(st + 6, n_o.to(ACC))
+        tl.store(st + 7, mx)
+        tl.store(st + 8, log_s)
     else:
-        L = tl.load(st + 0).to(ACC)
         S = tl.load(st + 2).to(ACC)
+        mx = tl.load(st + 7).to(ACC)
+        log_s = tl.load(st + 8).to(ACC)
         g_y = tl.load(st + 3).to(ACC)
         g_hi = tl.load(st + 4).to(ACC)
         m_o = tl.load(st + 5).to(ACC)
@@ -250,13 +257,13 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, 
             ok = cols < C
             r = tl.load(x_row + cols, mask=ok, other=0.0).to(ACC)
             z = _other(r, K, t0, t1)
-            p = tl.exp(z - L)
+            p = tl.exp((z - mx) - log_s)
             if LS:
                 _, h = _small_class_terms(p, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE)
                 if HAS_W:
                     w = tl.load(CW + cols, mask=ok, other=0.0).to(ACC)
                 else:
-                    w = r * 0.0 + 1.0
+                    w = tl.zeros_like(r) + 1.0
                 g = tl.where(has_hi & (z == m_o), g_hi, p * S - lsC * w * h)
             else:
                 g = p * S
@@ -338,7 +345,8 @@ def softmax_loss(logits, target, class_weight, ignore_index, transform, params, 
     grad = torch.empty((N if compute_grad else 0, C), dtype=x.dtype, device=x.device)
     tgt = target.contiguous()
     denom = mean_denominator(tgt, class_weight, ignore_index, C, acc)
-    scale = (1.0 / denom if reduction == 1 else torch.ones((), dtype=acc, device=x.device)).reshape(1).contiguous()
+    # The gradient buffer holds each row's own gradient; the backward applies the reduction.
+    scale = torch.ones((1,), dtype=acc, device=x.device)
     _launch(x, tgt, class_weight, stats, grad if compute_grad else None, scale, ignore_index, transform, params, 0)
     return _reduce(stats[:, 1], reduction, denom, x.dtype), stats, grad
 
