@@ -119,6 +119,9 @@ def _setup_context(ctx, inputs, output):
     logits, target, class_weight, ignore_index, transform, params, reduction, compute_grad = inputs
     _, row_stats, grad = output
     ctx.save_for_backward(logits, target, class_weight, row_stats)
+    # Only the loss is differentiable: without this, autograd would materialize a zero (N, C)
+    # gradient for the grad_logits output in every backward.
+    ctx.set_materialize_grads(False)
     # Detached: the buffer is an output of this node, and holding it with its grad_fn would make
     # a reference cycle (node -> ctx -> grad -> node).
     ctx.grad_buf = grad.detach() if compute_grad else None
@@ -128,6 +131,8 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(backward_op):
     def backward(ctx, grad_loss, _g_stats, _g_grad):
         logits, target, class_weight, row_stats = ctx.saved_tensors
+        if grad_loss is None:
+            return None, None, None, None, None, None, None, None
         ignore_index, transform, params, reduction = ctx.spec
         w = row_weights(grad_loss, target, class_weight, ignore_index, reduction, row_stats.dtype, logits.shape[1])
         buf = _consume(ctx, "grad_buf")
@@ -146,6 +151,7 @@ def _setup_linear_context(ctx, inputs, output):
      class_tile) = inputs
     _, row_stats, gx, gw, gb = output
     ctx.save_for_backward(input, weight, bias, target, class_weight, row_stats)
+    ctx.set_materialize_grads(False)
     ctx.grads = (gx.detach(), gw.detach(), gb.detach()) if any(grad_mask) else None
     ctx.spec = (int(ignore_index), int(transform), [float(p) for p in params], int(reduction), list(grad_mask),
                 int(row_chunk), int(class_tile))
@@ -155,6 +161,8 @@ def _make_linear_backward(backward_op):
     def backward(ctx, grad_loss, _g_stats, _g_gx, _g_gw, _g_gb):
         input, weight, bias, target, class_weight, row_stats = ctx.saved_tensors
         ignore_index, transform, params, reduction, grad_mask, row_chunk, class_tile = ctx.spec
+        if grad_loss is None:
+            return (None,) * 12
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
         grads = ctx.grads
         out = [None, None, None]
