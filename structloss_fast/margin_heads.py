@@ -19,7 +19,6 @@ are one dense GEMM and the transform + loss one fused row kernel.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

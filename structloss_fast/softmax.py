@@ -39,7 +39,7 @@ def check_el_options(log_end, bonus_weight, label_smoothing, eps, ignore_index, 
     return log_end, bonus_weight, label_smoothing, eps
 
 
-def check_class_weight(name: str, weight, C: int, ref: Tensor):
+def check_class_weight(name: str, weight, C: int):
     if weight is None:
         return None
     _validate.tensor(name, weight, ndim=1, floating=True)
@@ -123,7 +123,7 @@ def encouraging_loss(
         log_end, bonus_weight, label_smoothing, eps, ignore_index, reduction)
     rows, tgt, out_shape = _rows(input, target)
     C = rows.shape[1]
-    weight = check_class_weight("weight", weight, C, input)
+    weight = check_class_weight("weight", weight, C)
     _validate.same_device(input=input, target=target, weight=weight)
     check_target_range(tgt, C, ignore_index)
     chosen = _ext.resolve_backend(backend, input.device, _OP)
@@ -231,7 +231,7 @@ def linear_encouraging_loss(
     if tuple(target.shape) != expected:
         raise ValueError(f"target must have shape {expected} for input of shape {tuple(input.shape)}, "
                          f"got shape {tuple(target.shape)}")
-    weight = check_class_weight("weight", weight, C, input)
+    weight = check_class_weight("weight", weight, C)
     _validate.same_device(input=input, linear_weight=linear_weight, target=target, linear_bias=linear_bias,
                           weight=weight)
     check_target_range(target.reshape(-1), C, ignore_index)

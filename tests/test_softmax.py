@@ -4,13 +4,12 @@ bonus_weight=0, against F.cross_entropy for every option; gradients, custom-op r
 low precision with confident rows, edge cases and bad input."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import fast_backends, triton_device
-from helpers import assert_close_to_truth, assert_tight, max_abs
+from helpers import assert_close_to_truth, assert_tight
 
 import structloss_fast as slf
 from structloss_fast import _ext

@@ -259,7 +259,7 @@ register(Case(
 register(Case(
     family="softmax",
     name="cosface",
-    description="CosFace head (m=0.35, s=64), D=128, fp32: fused (no N x C) and unfused kernels vs PML",
+    description="CosFace head (m=0.35, s=64), fp32 embeddings (N, D), C classes: fused (no N x C) and unfused kernels vs PML",
     providers={
         "structloss_fast": _cosface(fused=True),
         "structloss_fast:unfused": _cosface(fused=False),
