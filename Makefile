@@ -16,7 +16,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --upgrade pip setuptools wheel ninja
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q numpy pytest hypothesis pytest-benchmark expecttest "pytorch-metric-learning>=2.9" \
-		scikit-learn tqdm matplotlib "triton>=3.6"
+		scikit-learn tqdm matplotlib "triton==3.8.0"
 	touch $@
 
 # The extension is compiled against the venv's torch, hence --no-build-isolation.

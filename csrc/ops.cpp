@@ -23,6 +23,32 @@ TORCH_LIBRARY(structloss_fast, m) {
       "str epilogue=\"auto\") -> (Tensor grad_x, Tensor grad_ref)");
 
   // ---- softmax family (structloss_fast/ops/softmax.py) ----
+  // Encouraging Loss (cross-entropy at bonus_weight = 0) over the rows of logits (N, C), or over
+  // margin-head cosines with a logit transform. transform: SoftmaxTransform
+  // (csrc/common/softmax_math.h); params: log_end, bonus_weight, label_smoothing, eps, t0, t1;
+  // reduction: 0 none, 1 mean (over the class weights of the non-ignored targets), 2 sum.
+  // With compute_grad, grad_logits (N, C) holds each row's own gradient dl_i/dlogits_i (not yet
+  // scaled by the reduction), written during the forward; otherwise it is (0, C).
+  // row_stats (N, 7): see SoftmaxStat.
+  m.def(
+      "softmax_loss(Tensor logits, Tensor target, Tensor? class_weight, int ignore_index, int transform, "
+      "float[] params, int reduction, bool compute_grad) -> (Tensor loss, Tensor row_stats, Tensor grad_logits)");
+  // Recomputing backward: row_weights[i] * dl_i/dlogits from the saved row statistics.
+  m.def(
+      "softmax_loss_backward(Tensor logits, Tensor target, Tensor? class_weight, Tensor row_stats, "
+      "Tensor row_weights, int ignore_index, int transform, float[] params) -> Tensor");
+  // The same loss on logits = input @ weight^T + bias, in chunks of rows (and class tiles for
+  // very large C) so that the (N, C) logits never exist. grad_mask: (input, weight, bias); with
+  // any bit set (mean/sum only) the gradients of the reduced loss are accumulated during the
+  // forward in float32 (float64 for float64). row_chunk / class_tile: 0 = automatic.
+  m.def(
+      "linear_softmax_loss(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, "
+      "int ignore_index, int transform, float[] params, int reduction, bool[3] grad_mask, int row_chunk, "
+      "int class_tile) -> (Tensor loss, Tensor row_stats, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "linear_softmax_loss_backward(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, "
+      "Tensor row_stats, Tensor row_weights, int ignore_index, int transform, float[] params, bool[3] grad_mask, "
+      "int row_chunk, int class_tile) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
   // ---- sgld / jem family (structloss_fast/ops/sgld.py) ----
   // One fused SGLD step, in place on x (csrc/common/sgld_math.h):

@@ -40,3 +40,22 @@ __all__ += [
     "class_gaussian_init", "expected_calibration_error", "reliability_diagram", "ood_auroc", "pgd_attack",
     "robust_accuracy",
 ]
+
+# ---- softmax family ----
+from .margin_heads import (  # noqa: E402
+    ArcFaceLoss,
+    CircleClassLoss,
+    CosFaceLoss,
+    NormFaceLoss,
+    arcface_loss,
+    circle_class_loss,
+    cosface_loss,
+    normface_loss,
+)
+from .softmax import EncouragingLoss, LinearEncouragingLoss, encouraging_loss, linear_encouraging_loss  # noqa: E402
+
+__all__ += [
+    "encouraging_loss", "EncouragingLoss", "linear_encouraging_loss", "LinearEncouragingLoss",
+    "normface_loss", "cosface_loss", "arcface_loss", "circle_class_loss",
+    "NormFaceLoss", "CosFaceLoss", "ArcFaceLoss", "CircleClassLoss",
+]

@@ -1,0 +1,227 @@
+// The per-element and per-row math of the row-softmax family (Encouraging Loss, margin heads),
+// shared by the CPU kernels and any device port (SLF_HD).
+//
+// One row: raw values r_j (logits, or cosines for the margin heads), a transform that turns
+// them into logits z_j (identity, NormFace, CosFace, ArcFace, class-level Circle; the target
+// class y has its own formula), the log-sum-exp L, p_j = exp(z_j - L), q_j = 1 - p_j, and
+//     f_j = -log p_j + rho * b(p_j)                      (the Encouraging Loss of class j)
+//     row loss = (1 - ls) w_y f_y + (ls / C) sum_j w_j f_j
+// with the bonus b of ../shared/spec/softmax.md (eps clamp, conservative tangent above LE).
+// Its gradient is dl/dz_i = p_i S - c_i h_i, with h_k = 1 - rho p_k b'(p_k),
+// c_k = (1 - ls) w_y [k == y] + (ls / C) w_k and S = sum_k c_k h_k.
+//
+// Accuracy: q of the target (and of the single non-target class that may hold p > 1/2) is
+// taken from the sum of the *other* exponentials, q_y = sum_{k != y} e_k / sum_k e_k, which
+// has no cancellation (the spec's -expm1(z_y - L) is the same number in exact arithmetic, but
+// in float32 z_y - L already carries an absolute error of ulp(L)). The target gradient is
+// formed as -c_y (h_y q_y) with h_y q_y = q_y + rho p_y below LE, so that a confident row
+// keeps its exact target gradient (-1 at rho = 1, LE = 1) instead of p_y - 1 = 0.
+#pragma once
+
+#include "math.h"
+
+namespace structloss_fast {
+
+// Transform identifiers: part of the op schema (`transform`). Keep in sync with
+// structloss_fast/ops/softmax.py.
+enum SoftmaxTransform : int64_t {
+  kIdentity = 0,     // z = r (plain logits)
+  kNormFace = 1,     // z = s r
+  kCosFace = 2,      // z = s (r - m [j == y])
+  kArcFace = 3,      // z_y = s cos(theta_y + m) (theta_y <= pi - m), else s (r - m sin m)
+  kCircleClass = 4,  // z_y = g relu(1 + m - r)(r - 1 + m), z_j = g relu(r + m)(r - m)
+};
+
+// Columns of the per-row statistics (N x kNumSoftmaxStats) that the forward saves; the
+// backward writes the gradient from them in one pass.
+enum SoftmaxStat : int64_t {
+  kSmLse = 0,         // L
+  kSmRowLoss = 1,     // unreduced row loss
+  kSmS = 2,           // S = sum_k c_k h_k
+  kSmGradY = 3,       // dl/dz_y (unscaled)
+  kSmGradHi = 4,      // dl/dz of the unique largest non-target logit (label smoothing)
+  kSmMaxOther = 5,    // largest non-target logit
+  kSmCountMax = 6,    // how many non-target logits equal it
+  kSmMax = 7,         // the row's largest logit m, and
+  kSmLogSum = 8,      // log sum_k exp(z_k - m) (L = m + this; p_j = exp((z_j - m) - this) keeps
+                      // z_j - m exact instead of carrying L's rounding into every p_j)
+  kNumSoftmaxStats = 9,
+};
+
+// params (float[]) of the ops: log_end, bonus_weight, label_smoothing, eps, t0, t1 where
+// (t0, t1) = (scale, margin) for the margin heads and (gamma, m) for Circle.
+enum SoftmaxParam : int64_t { kPLogEnd = 0, kPRho = 1, kPSmooth = 2, kPEps = 3, kPT0 = 4, kPT1 = 5, kNumSoftmaxParams = 6 };
+
+template <typename T>
+SLF_HD T clamp_unit(T c) {
+  // NaN stays NaN (the comparisons are false).
+  return c > T(1) ? T(1) : (c < T(-1) ? T(-1) : c);
+}
+
+template <typename T>
+SLF_HD T sqrt_(T x) {
+  return sqrt(x);
+}
+
+// The logit transform of one row element; `other` is branch-free so the row loops vectorize.
+template <typename T>
+struct Transform {
+  int64_t kind;
+  T t0, t1;          // scale / gamma, margin
+  T cos_m, sin_m;    // ArcFace
+  T arc_th, arc_mm;  // cos(pi - m), m sin m
+  Transform(int64_t kind_, T t0_, T t1_) : kind(kind_), t0(t0_), t1(t1_) {
+    cos_m = static_cast<T>(std::cos(static_cast<double>(t1_)));
+    sin_m = static_cast<T>(std::sin(static_cast<double>(t1_)));
+    arc_th = static_cast<T>(std::cos(M_PI - static_cast<double>(t1_)));
+    arc_mm = static_cast<T>(static_cast<double>(t1_) * std::sin(static_cast<double>(t1_)));
+  }
+  // Non-target classes, with the transform known at compile time so the row loops
+  // vectorize: s r for the scaled heads, Circle's negative logit for Circle.
+  template <int64_t K>
+  SLF_HD T other(T r) const {
+    if constexpr (K == kIdentity) {
+      return r;
+    } else if constexpr (K == kCircleClass) {
+      return t0 * relu(r + t1) * (r - t1);
+    } else {
+      return t0 * r;
+    }
+  }
+  template <int64_t K>
+  SLF_HD T other_grad(T r) const {
+    if constexpr (K == kIdentity) {
+      return T(1);
+    } else if constexpr (K == kCircleClass) {
+      return t0 * relu(r + t1);  // alpha detached
+    } else {
+      return t0;
+    }
+  }
+  T target(T r) const {
+    switch (kind) {
+      case kIdentity: return r;
+      case kNormFace: return t0 * r;
+      case kCosFace: return t0 * (r - t1);
+      case kArcFace: {
+        const T c = clamp_unit(r);
+        if (c >= arc_th) {
+          const T sine = std::sqrt(std::max(T(1) - c * c, T(0)));
+          return t0 * (c * cos_m - sine * sin_m);
+        }
+        return t0 * (c - arc_mm);
+      }
+      default: return t0 * relu(T(1) + t1 - r) * (r - (T(1) - t1));
+    }
+  }
+  T target_grad(T r) const {
+    switch (kind) {
+      case kIdentity: return T(1);
+      case kNormFace:
+      case kCosFace: return t0;
+      case kArcFace: {
+        if (r > T(1) || r < T(-1)) return T(0);  // clamped (as acos(clamp(r, -1, 1)))
+        if (r >= arc_th) {
+          const T sine = std::sqrt(std::max(T(1) - r * r, T(0)));
+          return t0 * (cos_m + sin_m * r / sine);  // d/dr cos(acos(r) + m)
+        }
+        return t0;
+      }
+      default: return t0 * relu(T(1) + t1 - r);  // alpha detached
+    }
+  }
+};
+
+// Encouraging Loss parameters, with the derived constants the row loops use.
+template <typename T>
+struct ElParams {
+  T log_end, rho, ls, eps;
+  T log_eps, log1m_le, inv_1m_le;
+  bool has_le;  // log_end < 1: the conservative branch exists
+  ElParams(double log_end_, double rho_, double ls_, double eps_)
+      : log_end(static_cast<T>(log_end_)), rho(static_cast<T>(rho_)), ls(static_cast<T>(ls_)), eps(static_cast<T>(eps_)) {
+    has_le = log_end_ < 1.0;
+    log_eps = static_cast<T>(std::log(eps_));
+    log1m_le = has_le ? static_cast<T>(std::log1p(-log_end_)) : T(0);
+    inv_1m_le = has_le ? static_cast<T>(1.0 / (1.0 - log_end_)) : T(0);
+  }
+};
+
+// Bonus of one class from an accurate (p, q = 1 - p) and log(q) where it is needed (scalar use:
+// the target and the largest non-target class). b: the bonus; h = 1 - rho p b'(p); hq = h q.
+template <typename T>
+struct Bonus {
+  T b, h, hq;
+};
+
+template <typename T>
+inline Bonus<T> bonus_of(T p, T q, const ElParams<T>& el) {
+  Bonus<T> r;
+  if (el.has_le && p > el.log_end) {
+    r.b = el.log1m_le - (p - el.log_end) * el.inv_1m_le;
+    r.h = T(1) + el.rho * p * el.inv_1m_le;
+    r.hq = q * r.h;
+  } else if (q >= el.eps) {
+    r.b = std::log(q);
+    r.h = T(1) + el.rho * p / q;
+    r.hq = q + el.rho * p;
+  } else {
+    // eps clamp active: constant bonus, no gradient through it (torch.clamp's rule).
+    r.b = el.log_eps;
+    r.h = T(1);
+    r.hq = q;
+  }
+  return r;
+}
+
+// log(x) for float on [FLT_MIN, inf), branch-free (Cephes logf: frexp-style reduction to
+// [sqrt(1/2), sqrt(2)) and a degree-8 polynomial, about 1 ulp). NaN stays NaN. Used on
+// arguments in [1/2, 1] (log1p_neg_fast below); 0 and negatives are not handled.
+SLF_HD float log_fast(float x) {
+  int32_t bits;
+#if defined(__CUDA_ARCH__)
+  bits = __float_as_int(x);
+#else
+  std::memcpy(&bits, &x, sizeof(float));
+#endif
+  int32_t e = ((bits >> 23) & 0xff) - 126;
+  int32_t mbits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+#if defined(__CUDA_ARCH__)
+  m = __int_as_float(mbits);
+#else
+  std::memcpy(&m, &mbits, sizeof(float));
+#endif
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float fe = static_cast<float>(e);
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + -2.12194440e-4f * fe;
+  y = y + -0.5f * z;
+  float r = m + y + 0.693359375f * fe;
+  return x != x ? x : r;
+}
+
+SLF_HD double log_fast(double x) { return log(x); }
+
+// log(1 - p) for p in [0, 1/2] without losing small p: u = 1 - p is exact to half an ulp and
+// log1p(-p) = log(u) - ((u - 1) + p) / u corrects for its rounding.
+SLF_HD float log1p_neg_fast(float p) {
+  const float u = 1.0f - p;
+  return log_fast(u) - ((u - 1.0f) + p) / u;
+}
+
+SLF_HD double log1p_neg_fast(double p) { return log1p(-p); }
+
+}  // namespace structloss_fast

@@ -1,0 +1,427 @@
+"""Triton kernels of the row-softmax family (Encouraging Loss, margin heads, fused linear).
+
+One program per row walks the row in blocks: an online max / sum-exp of the non-target logits
+(the target is merged at the end, so that 1 - p of the target and of the largest class come
+from the other classes' sum, without cancellation), the label-smoothing sums when ls > 0, and
+the gradient, written during the forward (MODE 0) or from the saved row statistics (MODE 1,
+the recomputing backward). The math is csrc/common/softmax_math.h's, line for line.
+The fused linear variant is a loop over row chunks around cuBLAS products in linear_softmax_loss
+below. The same code runs on CPU tensors under TRITON_INTERPRET=1, which is how it is tested
+here.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+NUM_ROW_STATS = 9
+# Logits elements of one fused-linear row chunk (float32): 32 MiB, as the CPU kernels.
+CHUNK_ELEMS = 1 << 23
+
+
+@triton.jit
+def _relu(x):
+    return tl.where(x < 0.0, 0.0, x)  # NaN stays NaN
+
+
+@triton.jit
+def _other(r, K: tl.constexpr, t0, t1):
+    if K == 0:
+        return r
+    elif K == 4:
+        return t0 * _relu(r + t1) * (r - t1)
+    else:
+        return t0 * r
+
+
+@triton.jit
+def _other_grad(r, K: tl.constexpr, t0, t1):
+    if K == 0:
+        return tl.zeros_like(r) + 1.0
+    elif K == 4:
+        return t0 * _relu(r + t1)
+    else:
+        return tl.zeros_like(r) + t0
+
+
+@triton.jit
+def _target(r, K: tl.constexpr, t0, t1, cos_m, sin_m, arc_th, arc_mm):
+    if K == 0:
+        return r
+    elif K == 1:
+        return t0 * r
+    elif K == 2:
+        return t0 * (r - t1)
+    elif K == 3:
+        c = tl.where(r > 1.0, 1.0, tl.where(r < -1.0, -1.0, r))
+        sine = tl.sqrt(tl.where(1.0 - c * c < 0.0, 0.0, 1.0 - c * c))
+        return t0 * tl.where(c >= arc_th, c * cos_m - sine * sin_m, c - arc_mm)
+    else:
+        return t0 * _relu(1.0 + t1 - r) * (r - (1.0 - t1))
+
+
+@triton.jit
+def _target_grad(r, K: tl.constexpr, t0, t1, cos_m, sin_m, arc_th, arc_mm):
+    if K == 0:
+        return tl.zeros_like(r) + 1.0
+    elif K == 3:
+        sine = tl.sqrt(tl.where(1.0 - r * r < 0.0, 0.0, 1.0 - r * r))
+        inside = (r <= 1.0) & (r >= -1.0)
+        g = tl.where(r >= arc_th, t0 * (cos_m + sin_m * r / sine), tl.zeros_like(r) + t0)
+        return tl.where(inside, g, 0.0)
+    elif K == 4:
+        return t0 * _relu(1.0 + t1 - r)
+    else:
+        return tl.zeros_like(r) + t0
+
+
+@triton.jit
+def _bonus(p, q, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE: tl.constexpr):
+    """(b, h, h q) of one class from an accurate (p, q = 1 - p)."""
+    clamped = ~(q >= eps)
+    qs = tl.where(clamped, 1.0, q)
+    b = tl.where(clamped, log_eps, tl.log(qs))
+    h = tl.where(clamped, 1.0, 1.0 + rho * p / qs)
+    hq = tl.where(clamped, q, q + rho * p)
+    if HAS_LE:
+        cons = p > log_end
+        b = tl.where(cons, log1m_le - (p - log_end) * inv_1m_le, b)
+        h = tl.where(cons, 1.0 + rho * p * inv_1m_le, h)
+        hq = tl.where(cons, q * (1.0 + rho * p * inv_1m_le), hq)
+    return b, h, hq
+
+
+@triton.jit
+def _small_class_terms(p, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE: tl.constexpr):
+    """(b, h) of classes with p <= 1/2 (all but the largest): log(1 - p) as Kahan's log1p."""
+    q = 1.0 - p
+    clamped = ~(q >= eps)
+    qs = tl.where(clamped, 1.0, q)
+    log1p_neg = tl.where(q == 1.0, -p, tl.log(qs) * (-p) / tl.where(q == 1.0, 1.0, q - 1.0))
+    b = tl.where(clamped, log_eps, log1p_neg)
+    h = tl.where(clamped, 1.0, 1.0 + rho * p / qs)
+    if HAS_LE:
+        cons = p > log_end
+        b = tl.where(cons, log1m_le - (p - log_end) * inv_1m_le, b)
+        h = tl.where(cons, 1.0 + rho * p * inv_1m_le, h)
+    return b, h
+
+
+@triton.jit
+def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, ignore_index,
+                   K: tl.constexpr, MODE: tl.constexpr, HAS_LE: tl.constexpr, LS: tl.constexpr,
+                   HAS_W: tl.constexpr, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # Scalar parameters come from a tensor in the accumulation dtype: Python floats would be
+    # passed as float32, which is not exact enough for the float64 path.
+    log_end = tl.load(P + 0)
+    rho = tl.load(P + 1)
+    ls = tl.load(P + 2)
+    eps = tl.load(P + 3)
+    log_eps = tl.load(P + 4)
+    log1m_le = tl.load(P + 5)
+    inv_1m_le = tl.load(P + 6)
+    t0 = tl.load(P + 7)
+    t1 = tl.load(P + 8)
+    cos_m = tl.load(P + 9)
+    sin_m = tl.load(P + 10)
+    arc_th = tl.load(P + 11)
+    arc_mm = tl.load(P + 12)
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    y = tl.load(Y + row)
+    ignored = y == ignore_index
+    bad = ((y < 0) | (y >= C)) & (~ignored)
+    y_safe = tl.where(ignored | bad, 0, y)
+    raw_y = tl.load(x_row + y_safe).to(ACC)
+    if HAS_W:
+        wy = tl.load(CW + y_safe).to(ACC)
+    else:
+        wy = tl.zeros_like(raw_y) + 1.0
+    offs = tl.arange(0, BLOCK)
+    lsC = ls / C
+    st = STATS + row * 9
+    if MODE == 0:
+        # ---- phase 1: online max / sum-exp of the non-target logits
+        m_o = tl.full((), float("-inf"), ACC)
+        s_below = tl.zeros((), ACC)
+        n_o = tl.zeros((), tl.int32)
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + offs
+            ok = cols < C
+            valid = ok & (cols != y)
+            r = tl.load(x_row + cols, mask=ok, other=0.0).to(ACC)
+            z = tl.where(valid, _other(r, K, t0, t1), float("-inf"))
+            bmax = tl.max(z, 0)
+            grow = bmax > m_o
+            s_below = tl.where(grow, (s_below + n_o.to(ACC)) * tl.exp(m_o - tl.where(grow, bmax, m_o)), s_below)
+            n_o = tl.where(grow, 0, n_o)
+            m_o = tl.where(grow, bmax, m_o)
+            shift = tl.where(m_o == float("-inf"), 0.0, m_o)
+            at = (z == m_o) & valid
+            e = tl.exp(z - shift)
+            s_below += tl.sum(tl.where(at, 0.0, e), 0)
+            n_o += tl.sum(at.to(tl.int32), 0)
+        # ---- merge the target, L, p and q without cancellation
+        z_y = _target(raw_y, K, t0, t1, cos_m, sin_m, arc_th, arc_mm)
+        mx = tl.where(z_y > m_o, z_y, m_o)
+        scale_o = tl.exp(m_o - mx)
+        e_o = (s_below + n_o.to(ACC)) * scale_o
+        e_y = tl.exp(z_y - mx)
+        s_all = e_o + e_y
+        log_s = tl.log(s_all)
+        L = mx + log_s
+        p_y = e_y / s_all
+        q_y = e_o / s_all
+        has_hi = n_o == 1
+        p_hi = scale_o / s_all
+        q_hi = (s_below * scale_o + e_y) / s_all
+        b_y, h_y, hq_y = _bonus(p_y, q_y, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE)
+        f_y = ((mx - z_y) + log_s) + rho * b_y
+        why = wy * h_y
+        if LS:
+            # ---- phase 2: label-smoothing sums over the classes other than y and the largest
+            a_acc = tl.zeros((BLOCK,), ACC)
+            f_acc = tl.zeros((BLOCK,), ACC)
+            whi_acc = tl.zeros((BLOCK,), ACC)
+            for c0 in range(0, C, BLOCK):
+                cols = c0 + offs
+                ok = cols < C
+                valid = ok & (cols != y)
+                r = tl.load(x_row + cols, mask=ok, other=0.0).to(ACC)
+                z = _other(r, K, t0, t1)
+                d = (z - mx) - log_s
+                p = tl.exp(d)
+                b, h = _small_class_terms(p, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE)
+                if HAS_W:
+                    w = tl.load(CW + cols, mask=ok, other=0.0).to(ACC)
+                else:
+                    w = tl.zeros_like(r) + 1.0
+                hi = has_hi & (z == m_o) & valid
+                small = valid & (~hi)
+                a_acc += tl.where(small, w * h, 0.0)
+                f_acc += tl.where(small, w * (rho * b - d), 0.0)
+                whi_acc += tl.where(hi, w, 0.0)
+            a_rest = tl.sum(a_acc, 0)
+            f_rest = tl.sum(f_acc, 0)
+            w_hi = tl.sum(whi_acc, 0)
+            b_hi, h_hi, hq_hi = _bonus(p_hi, q_hi, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE)
+            f_hi = ((mx - m_o) + log_s) + rho * b_hi
+            sum_wh = a_rest + tl.where(has_hi, w_hi * h_hi, 0.0)
+            S = (1.0 - ls) * why + lsC * (why + sum_wh)
+            g_y = -((1.0 - ls) + lsC) * wy * hq_y + p_y * lsC * sum_wh
+            g_hi = tl.where(has_hi, p_hi * ((1.0 - ls) * why + lsC * (why + a_rest)) - lsC * w_hi * hq_hi, 0.0)
+            loss = (1.0 - ls) * wy * f_y + lsC * (wy * f_y + f_rest + tl.where(has_hi, w_hi * f_hi, 0.0))
+        else:
+            S = why
+            g_y = -wy * hq_y
+            g_hi = tl.zeros_like(S)
+            loss = wy * f_y
+        nan = float("nan")
+        zero = tl.zeros_like(loss)
+        L = tl.where(ignored, zero, tl.where(bad, nan, L))
+        loss = tl.where(ignored, zero, tl.where(bad, nan, loss))
+        S = tl.where(ignored, zero, S)
+        g_y = tl.where(ignored, zero, g_y)
+        g_hi = tl.where(ignored, zero, g_hi)
+        m_o = tl.where(ignored, zero, m_o)
+        n_o = tl.where(ignored, 0, n_o)
+        mx = tl.where(ignored, zero, mx)
+        log_s = tl.where(ignored, zero, log_s)
+        tl.store(st + 0, L)
+        tl.store(st + 1, loss)
+        tl.store(st + 2, S)
+        tl.store(st + 3, g_y)
+        tl.store(st + 4, g_hi)
+        tl.store(st + 5, m_o)
+        tl.store(st + 6, n_o.to(ACC))
+        tl.store(st + 7, mx)
+        tl.store(st + 8, log_s)
+    else:
+        S = tl.load(st + 2).to(ACC)
+        mx = tl.load(st + 7).to(ACC)
+        log_s = tl.load(st + 8).to(ACC)
+        g_y = tl.load(st + 3).to(ACC)
+        g_hi = tl.load(st + 4).to(ACC)
+        m_o = tl.load(st + 5).to(ACC)
+        has_hi = tl.load(st + 6).to(tl.int32) == 1
+    if WRITE_GRAD:
+        # ---- phase 3: the gradient, scaled by the row's weight
+        sc = tl.load(RS + row * stride_rs).to(ACC)
+        tg = g_y * _target_grad(raw_y, K, t0, t1, cos_m, sin_m, arc_th, arc_mm)
+        g_row = G + row * stride_g
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + offs
+            ok = cols < C
+            r = tl.load(x_row + cols, mask=ok, other=0.0).to(ACC)
+            z = _other(r, K, t0, t1)
+            p = tl.exp((z - mx) - log_s)
+            if LS:
+                _, h = _small_class_terms(p, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE)
+                if HAS_W:
+                    w = tl.load(CW + cols, mask=ok, other=0.0).to(ACC)
+                else:
+                    w = tl.zeros_like(r) + 1.0
+                g = tl.where(has_hi & (z == m_o), g_hi, p * S - lsC * w * h)
+            else:
+                g = p * S
+            if K != 0:
+                g = g * _other_grad(r, K, t0, t1)
+            g = tl.where(cols == y, tg, g) * sc
+            g = tl.where(ignored, 0.0, tl.where(bad, float("nan"), g))
+            tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=ok)
+
+
+def _block(C: int, device: torch.device) -> int:
+    cap = 4096 if device.type == "cuda" else 32  # interpreter: small blocks exercise the block loop
+    return max(16, min(triton.next_power_of_2(max(C, 1)), cap))
+
+
+def _scalars(transform: int, params):
+    log_end, rho, ls, eps, t0, t1 = (float(p) for p in params)
+    has_le = log_end < 1.0
+    return dict(
+        log_end=log_end, rho=rho, ls=ls, eps=eps, log_eps=math.log(eps),
+        log1m_le=math.log1p(-log_end) if has_le else 0.0, inv_1m_le=1.0 / (1.0 - log_end) if has_le else 0.0,
+        t0=t0, t1=t1, cos_m=math.cos(t1), sin_m=math.sin(t1), arc_th=math.cos(math.pi - t1),
+        arc_mm=t1 * math.sin(t1),
+    ), has_le, ls > 0
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launch(x, target, class_weight, stats, grad, row_scale, ignore_index, transform, params, mode):
+    N, C = x.shape
+    if N == 0:
+        return
+    sc, has_le, has_ls = _scalars(transform, params)
+    acc = _acc(x.dtype)
+    cw = class_weight.to(acc).contiguous() if class_weight is not None else x  # placeholder when absent
+    write = grad is not None
+    g = grad if write else x
+    rs = row_scale if row_scale is not None else x
+    names = ("log_end", "rho", "ls", "eps", "log_eps", "log1m_le", "inv_1m_le", "t0", "t1", "cos_m", "sin_m",
+             "arc_th", "arc_mm")
+    p = torch.tensor([sc[k] for k in names], dtype=acc, device=x.device)
+    _el_row_kernel[(N,)](
+        x, target, cw, stats, g, rs, p, x.stride(0), g.stride(0) if write else 0,
+        row_scale.stride(0) if row_scale is not None and row_scale.dim() == 1 and row_scale.shape[0] > 1 else 0,
+        C, ignore_index,
+        K=transform, MODE=mode, HAS_LE=has_le, LS=has_ls, HAS_W=class_weight is not None, WRITE_GRAD=write,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=_block(C, x.device),
+        num_warps=8 if x.device.type == "cuda" and C >= 8192 else 4,
+    )
+
+
+def mean_denominator(target, class_weight, ignore_index, C, dtype):
+    """Sum of the target class weights of the non-ignored rows (1 when that is 0), on device."""
+    valid = target != ignore_index
+    if class_weight is None:
+        denom = valid.sum().to(dtype)
+    else:
+        safe = torch.where(valid, target, torch.zeros_like(target)).clamp(0, max(C - 1, 0))
+        denom = (class_weight.to(dtype)[safe] * valid.to(dtype)).sum()
+    return torch.where(denom == 0, torch.ones_like(denom), denom)
+
+
+def _reduce(row_loss, reduction, denom, dtype):
+    if reduction == 0:
+        return row_loss.to(dtype, copy=True)
+    total = row_loss.sum()
+    if reduction == 1:
+        total = total / denom
+    return total.to(dtype)
+
+
+def softmax_loss(logits, target, class_weight, ignore_index, transform, params, reduction, compute_grad):
+    x = logits.contiguous()
+    N, C = x.shape
+    acc = _acc(x.dtype)
+    stats = torch.empty((N, NUM_ROW_STATS), dtype=acc, device=x.device)
+    grad = torch.empty((N if compute_grad else 0, C), dtype=x.dtype, device=x.device)
+    tgt = target.contiguous()
+    denom = mean_denominator(tgt, class_weight, ignore_index, C, acc)
+    # The gradient buffer holds each row's own gradient; the backward applies the reduction.
+    scale = torch.ones((1,), dtype=acc, device=x.device)
+    _launch(x, tgt, class_weight, stats, grad if compute_grad else None, scale, ignore_index, transform, params, 0)
+    return _reduce(stats[:, 1], reduction, denom, x.dtype), stats, grad
+
+
+def softmax_loss_backward(logits, target, class_weight, row_stats, row_weights, ignore_index, transform, params):
+    x = logits.contiguous()
+    acc = _acc(x.dtype)
+    grad = torch.empty_like(x)
+    _launch(x, target.contiguous(), class_weight, row_stats.to(acc).contiguous(), grad,
+            row_weights.to(acc).contiguous(), ignore_index, transform, params, 1)
+    return grad
+
+
+# ---------------------------------------------------------------- fused linear
+
+
+def _mm_acc(a, b, acc):
+    """a @ b with float32 (float64) accumulation and output; fp16/bf16 operands stay in their
+    dtype on the GPU (tensor cores, float32 output), and are widened elsewhere."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b.to(a.dtype), out_dtype=torch.float32)
+    return torch.mm(a.to(acc), b.to(acc))
+
+
+def _linear_loop(input, weight, bias, target, class_weight, ignore_index, transform, params, grad_mask, row_chunk,
+                 stats, row_scale, mode):
+    N, H = input.shape
+    C = weight.shape[0]
+    acc = _acc(input.dtype)
+    rows = row_chunk if row_chunk > 0 else max(1, CHUNK_ELEMS // max(C, 1))
+    rows = max(1, min(rows, N))
+    want = any(grad_mask)
+    gx = torch.zeros((N if grad_mask[0] else 0, H), dtype=acc, device=input.device)
+    gw = torch.zeros((C if grad_mask[1] else 0, H), dtype=acc, device=input.device)
+    gb = torch.zeros((C if grad_mask[2] and bias is not None else 0,), dtype=acc, device=input.device)
+    wt = weight.t()
+    for r0 in range(0, N, rows):
+        t = min(rows, N - r0)
+        xc = input[r0:r0 + t]
+        logits = _mm_acc(xc, wt, acc)
+        if bias is not None:
+            logits += bias.to(acc)
+        rs = row_scale if row_scale.shape[0] == 1 else row_scale[r0:r0 + t]
+        _launch(logits, target[r0:r0 + t], class_weight, stats[r0:r0 + t], logits if want else None, rs,
+                ignore_index, transform, params, mode)
+        if not want:
+            continue
+        if grad_mask[0]:
+            gx[r0:r0 + t] = _mm_acc(logits.to(input.dtype) if input.is_cuda else logits, weight, acc)
+        if grad_mask[1]:
+            gw += _mm_acc(logits.t().to(input.dtype) if input.is_cuda else logits.t(), xc, acc)
+        if grad_mask[2] and bias is not None:
+            gb += logits.sum(0)
+    dt = input.dtype
+    return gx.to(dt), gw.to(dt), gb.to(dt)
+
+
+def linear_softmax_loss(input, weight, bias, target, class_weight, ignore_index, transform, params, reduction,
+                        grad_mask, row_chunk, class_tile):
+    """Row chunks only: class_tile is not used on this path (the CPU kernels tile classes)."""
+    N = input.shape[0]
+    acc = _acc(input.dtype)
+    C = weight.shape[0]
+    stats = torch.empty((N, NUM_ROW_STATS), dtype=acc, device=input.device)
+    tgt = target.contiguous()
+    denom = mean_denominator(tgt, class_weight, ignore_index, C, acc)
+    scale = (1.0 / denom if reduction == 1 else torch.ones((), dtype=acc, device=input.device)).reshape(1)
+    gx, gw, gb = _linear_loop(input, weight, bias, tgt, class_weight, ignore_index, transform, params, grad_mask,
+                              row_chunk, stats, scale.contiguous(), 0)
+    return _reduce(stats[:, 1], reduction, denom, input.dtype), stats, gx, gw, gb
+
+
+def linear_softmax_loss_backward(input, weight, bias, target, class_weight, row_stats, row_weights, ignore_index,
+                                 transform, params, grad_mask, row_chunk, class_tile):
+    acc = _acc(input.dtype)
+    stats = row_stats.to(acc).contiguous()
+    return _linear_loop(input, weight, bias, target.contiguous(), class_weight, ignore_index, transform, params,
+                        grad_mask, row_chunk, stats, row_weights.to(acc).contiguous(), 1)
