@@ -70,6 +70,20 @@ def triton_status() -> tuple[bool, str]:
     return _TRITON
 
 
+# Backends each op family implements; ops not declared here have all of them.
+_OP_BACKENDS: dict[str, tuple[str, ...]] = {}
+
+
+def declare_backends(op: str, backends) -> None:
+    """Record which of "cpu", "cuda", "triton" implement structloss_fast::<op>, so that "auto"
+    only picks those and an explicit request for another names the real reason."""
+    _OP_BACKENDS[op] = tuple(backends)
+
+
+def op_backends(op: str) -> tuple[str, ...]:
+    return _OP_BACKENDS.get(op, ("cpu", "cuda", "triton"))
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -79,6 +93,8 @@ def backend_status(backend: str, device: torch.device, op: str) -> tuple[bool, s
     dev = torch.device(device).type
     if backend == "reference":
         return True, "pure PyTorch"
+    if backend in ("cpu", "cuda", "triton") and backend not in op_backends(op):
+        return False, f"structloss_fast has no {backend} kernel for {op} (it has: {', '.join(op_backends(op))})"
     if backend in ("cpu", "cuda"):
         if _C is None:
             return False, _C_ERROR or "extension not loaded"
@@ -116,7 +132,7 @@ def resolve_backend(backend: str, device: torch.device, op: str, fast_gpu: str =
     if dev == "cpu":
         candidates = ["cpu"]
     elif dev == "cuda":
-        candidates = [fast_gpu, "cuda" if fast_gpu == "triton" else "triton"]
+        candidates = [b for b in (fast_gpu, "cuda" if fast_gpu == "triton" else "triton") if b in op_backends(op)]
     else:
         candidates = []
     for cand in candidates:

@@ -70,10 +70,7 @@ def _check_like(name: str, t: Tensor, x: Tensor) -> None:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """"auto": the compiled kernel of the device (reference where none is built); there is no
     Triton kernel for this op."""
-    if backend == "triton":
-        raise _ext.BackendUnavailable("backend='triton' cannot run sgld_step_: it has no Triton kernel (use 'cuda')")
-    chosen = _ext.resolve_backend(backend, device, _ops.OP, fast_gpu="cuda")
-    return "reference" if chosen == "triton" else chosen
+    return _ext.resolve_backend(backend, device, _ops.OP, fast_gpu="cuda")
 
 
 def check_step_args(x, grad, *, step_size, noise_std, grad_clamp, x_clamp, noise_after_clamp, form, noise,

@@ -495,7 +495,7 @@ def test_bad_input(over, exc, words):
 
 
 def test_unavailable_backends_raise():
-    with pytest.raises(_ext.BackendUnavailable, match="Triton"):
+    with pytest.raises(_ext.BackendUnavailable, match="no triton kernel for sgld_step_"):
         call(backend="triton")
     with pytest.raises(_ext.BackendUnavailable, match="cuda"):
         call(backend="cuda")

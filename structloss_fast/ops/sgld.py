@@ -8,6 +8,7 @@ import torch
 from .. import _ext
 
 OP = "sgld_step_"
+_ext.declare_backends(OP, ("cpu", "cuda"))
 
 
 def _fake_sgld_step(x, grad, noise, step_coef, noise_coef, grad_clamp, x_clamp, noise_after_clamp, generator, philox):

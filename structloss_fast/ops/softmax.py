@@ -25,6 +25,8 @@ TRANSFORM_IDS = {"identity": 0, "normface": 1, "cosface": 2, "arcface": 3, "circ
 REDUCTION_IDS = {"none": 0, "mean": 1, "sum": 2}
 NUM_ROW_STATS = 9
 ROW_LOSS = 1
+for _op in ("softmax_loss", "linear_softmax_loss"):
+    _ext.declare_backends(_op, ("cpu", "triton"))
 
 
 def make_params(log_end, bonus_weight, label_smoothing, eps, t0=0.0, t1=0.0) -> list[float]:
