@@ -3,11 +3,7 @@ types and layouts: compile every kernel ahead of time for Hopper (sm_90, with Tr
 ptxas), as a GPU run would, in a process without TRITON_INTERPRET."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-import pytest
+from helpers import compile_triton_for_hopper
 
 _AOT_SCRIPT = r"""
 import sys
@@ -52,11 +48,4 @@ for loss in tk.SUPPORTED:
 
 
 def test_pairwise_triton_kernels_compile_for_hopper():
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if "NO-PTXAS" in proc.stdout:
-        pytest.skip(proc.stdout.strip())
-    assert proc.stdout.count("compiled") == 27, proc.stdout
+    compile_triton_for_hopper(_AOT_SCRIPT, expected=27)

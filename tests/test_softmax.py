@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import fast_backends, triton_device
-from helpers import assert_close_to_truth, assert_tight
+from helpers import compile_triton_for_hopper, assert_close_to_truth, assert_tight
 
 import structloss_fast as slf
 from structloss_fast import _ext
@@ -593,17 +593,5 @@ for acc, x_dtype, mode, ls in [("fp32", "bf16", 0, True), ("fp32", "fp32", 1, Tr
 
 def test_triton_kernel_compiles_for_hopper():
     """Without a GPU the Triton kernel runs only in the interpreter, which is lenient about types:
-    compile it ahead of time for sm_90 (with Triton's bundled ptxas), as a GPU run would, in a
-    process without TRITON_INTERPRET."""
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if "NO-PTXAS" in proc.stdout:
-        pytest.skip(proc.stdout.strip())
-    assert proc.stdout.count("compiled") == 4, proc.stdout
+    compile it ahead of time for sm_90 (with Triton's bundled ptxas), as a GPU run would."""
+    compile_triton_for_hopper(_AOT_SCRIPT, expected=4, timeout=600)
