@@ -51,7 +51,9 @@ def _check_values(name: str, t: Tensor, *, binary: bool = False) -> None:
     if binary:
         bad = bad & ~torch.isnan(t)
     what = "hold only 0 and 1" if binary else "lie in [0, 1]"
-    if t.device.type == "cpu":
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"structloss_fast: {name} must {what}")
+    elif t.device.type == "cpu":
         if bool(bad.any()):
             bad_vals = t[bad]
             raise ValueError(f"{name} must {what}, got values such as {bad_vals[0].item():g} "

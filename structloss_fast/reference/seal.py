@@ -39,8 +39,10 @@ def score(unary, y, global_weight, global_bias, global_out) -> torch.Tensor:
 def log_q(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """log q(y) = -sum_l BCE(p_l, y_l), each log clamped at -100 as torch's BCELoss does.
     probs (B, L); y (B, L) or (B, K, L)."""
-    p = probs.unsqueeze(1).expand_as(y) if y.dim() == 3 else probs
-    return -F.binary_cross_entropy(p, y, reduction="none").sum(-1)
+    p = probs.unsqueeze(1) if y.dim() == 3 else probs
+    # Written out (F.binary_cross_entropy raises on NaN, which must give a NaN loss instead);
+    # tests check it against F.binary_cross_entropy.
+    return (y * torch.log(p).clamp_min(-100) + (1 - y) * torch.log1p(-p).clamp_min(-100)).sum(-1)
 
 
 # ---------------------------------------------------------------- losses
@@ -66,15 +68,21 @@ def nce_ranking_loss(unary, probs, labels, samples, global_weight, global_bias, 
     z = score(unary, y, global_weight, global_bias, global_out)
     if use_logq:
         z = z - log_q(probs, y)
+    # 0 * sum(p): NaN for a NaN probability, so that it reaches the loss in the ranking variant
+    # too (there p only decides the samples); exactly 0 otherwise.
+    z = z + 0.0 * probs.sum(-1, keepdim=True)
     rows = torch.logsumexp(z, dim=1) - z[:, 0]
     return reduce(rows, reduction)
 
 
 def soft_f1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """2 sum min(a, b) / (sum min(a, b) + sum max(a, b)) over the last dimension."""
+    """2 sum min(a, b) / (sum min(a, b) + sum max(a, b)) over the last dimension; 1 for two
+    all-zero vectors (0 / 0: identical empty label sets)."""
     mn = torch.minimum(a, b).sum(-1)
     mx = torch.maximum(a, b).sum(-1)
-    return 2 * mn / (mn + mx)
+    den = mn + mx
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, 2 * mn / safe, torch.ones_like(den))
 
 
 def regression_loss(scores: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, *,
