@@ -342,10 +342,11 @@ class EnergyNet(nn.Module):
 
     forward = score
 
-    def score_grad_y(self, features: Tensor, y: Tensor) -> Tensor:
+    def score_grad_y(self, features: Tensor, y: Tensor, unary: Optional[Tensor] = None) -> Tensor:
         """d s / d y at (features = T(x), y (B, L)), in closed form:
-        u + C1^T (c2 * sigmoid(C1 y + b1)) [+ D1_y^T (d2 * sigmoid(D1 [y; T(x)] + d1))]."""
-        u = self.label_embeddings(features)
+        u + C1^T (c2 * sigmoid(C1 y + b1)) [+ D1_y^T (d2 * sigmoid(D1 [y; T(x)] + d1))]
+        (pass unary = u to skip recomputing it)."""
+        u = self.label_embeddings(features) if unary is None else unary
         g = u + (torch.sigmoid(self.global_linear(y)) * self.global_out) @ self.global_linear.weight
         if self.conditional_hidden:
             h = self.conditional_linear(torch.cat([y, features], dim=-1))
@@ -550,8 +551,10 @@ def gbi_inference(energy: EnergyNet, x: Tensor, *, steps: int = 20, step_size: f
             s = s + (_ref.soft_f1_delta(y, cost_labels) if cost == "soft_f1" else _ref.manhattan_delta(y, cost_labels))
         return s
 
+    unary = energy.label_embeddings(f)
+
     def gradient(y):
-        g = energy.score_grad_y(f, y)
+        g = energy.score_grad_y(f, y, unary)
         if cost_labels is not None:
             with torch.enable_grad():
                 yy = y.detach().requires_grad_(True)
