@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--patience", type=int, default=20)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--global-hidden", type=int, default=64)
+    ap.add_argument("--global-hidden", type=int, default=200)
     ap.add_argument("--num-samples", type=int, default=20, help="K, the NCE samples per example")
     ap.add_argument("--pretrain-epochs", type=int, default=20, help="SEAL-static loss-net / SPEN local pre-training")
     ap.add_argument("--static-weight", type=float, default=0.1)

@@ -287,10 +287,14 @@ def test_gradcheck_float64(backend, device, reduction):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
-def test_float32_within_2x_torch_error(backend, device):
+@pytest.mark.parametrize("scale", [1.0, 12.0])
+def test_float32_within_2x_torch_error(backend, device, scale):
+    """scale 12: hidden pre-activations over about +-40, through softplus' threshold at 20 and
+    its exp(-|h|) tail."""
     B, K, L, H = (6, 5, 12, 20) if backend == "triton" else (64, 20, 40, 50)
     u, p, y, W, b, c = problem(B, L, H)
     u = u * 3
+    W, b = W * scale, b * scale
     samples = (torch.rand(B, K, L, dtype=torch.float64) < p.unsqueeze(1)).double()
     truth, tg = run(u, p, y, W, b, c, "reference", samples=samples, reduction="none")
     f32 = [t.float() for t in (u, p, y, W, b, c)]

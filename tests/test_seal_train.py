@@ -129,6 +129,7 @@ def test_static_phase_two_keeps_the_loss_net_fixed():
     energy = slf.EnergyNet(64, 16, hidden=16, global_hidden=8)
     T.pretrain_loss_net(energy, data, CFG, epochs=1, num_samples=4)
     snapshot = {k: v.clone() for k, v in energy.state_dict().items()}
+    energy.zero_grad(set_to_none=True)
     # train_seal_static would pre-train again; the task phase alone, through its frozen context:
     net = T.TaskNet(64, 16, hidden=16)
     with T._Frozen(energy):
