@@ -44,22 +44,23 @@ manhattan_delta = _ref.manhattan_delta
 
 def _check_values(name: str, t: Tensor, *, binary: bool = False) -> None:
     """Values in [0, 1] (or in {0, 1}); NaN passes (it must give a NaN loss, not an error).
-    On CPU this reads the values; on a GPU it is an asynchronous device-side assert."""
+    On CPU this reads the values (one min/max reduction in the common case); on a GPU, and
+    under torch.compile, it is an asynchronous device-side assert."""
     if t.numel() == 0:
         return
-    bad = ((t != 0) & (t != 1)) if binary else ((t < 0) | (t > 1))
-    if binary:
-        bad = bad & ~torch.isnan(t)
     what = "hold only 0 and 1" if binary else "lie in [0, 1]"
-    if torch.compiler.is_compiling():
+    on_host = t.device.type == "cpu" and not torch.compiler.is_compiling()
+    if on_host and not binary:
+        lo, hi = torch.aminmax(t.detach())  # NaN when any value is NaN: then the full check
+        if bool((lo >= 0) & (hi <= 1)):
+            return
+    bad = ((t != 0) & (t != 1) & ~torch.isnan(t)) if binary else ((t < 0) | (t > 1))
+    if not on_host:
         torch._assert_async(~bad.any(), f"structloss_fast: {name} must {what}")
-    elif t.device.type == "cpu":
-        if bool(bad.any()):
-            bad_vals = t[bad]
-            raise ValueError(f"{name} must {what}, got values such as {bad_vals[0].item():g} "
-                             f"({int(bad.sum())} of {t.numel()} outside)")
-    else:  # pragma: no cover - needs a GPU
-        torch._assert_async(~bad.any(), f"structloss_fast: {name} must {what}")
+    elif bool(bad.any()):
+        bad_vals = t[bad]
+        raise ValueError(f"{name} must {what}, got values such as {bad_vals[0].item():g} "
+                         f"({int(bad.sum())} of {t.numel()} outside)")
 
 
 def _same_shape(name: str, t: Tensor, shape, other: str) -> None:
@@ -128,6 +129,12 @@ def sampled_nce_loss(
         generator: torch.Generator the seed is drawn from (default: torch's default CPU generator).
         backend: "auto" | "reference" | "cpu" | "triton" ("cuda" has no SEAL kernel).
     """
+    return _sampled_nce_loss(unary, probs, labels, global_weight, global_bias, global_out, num_samples, samples,
+                             use_logq, reduction, generator, backend, check_values=True)
+
+
+def _sampled_nce_loss(unary, probs, labels, global_weight, global_bias, global_out, num_samples, samples, use_logq,
+                      reduction, generator, backend, check_values):
     _validate.tensor("unary", unary, ndim=2, floating=True)
     _validate.tensor("probs", probs, ndim=2, floating=True)
     _validate.tensor("labels", labels, ndim=2, floating=True)
@@ -165,8 +172,9 @@ def sampled_nce_loss(
     _reduction(reduction)
     _validate.same_device(unary=unary, probs=probs, labels=labels, global_weight=global_weight,
                           global_bias=global_bias, global_out=global_out, samples=samples)
-    _check_values("probs", probs)
-    _check_values("labels", labels)
+    if check_values:  # (nce_ranking_loss has checked probs and labels already)
+        _check_values("probs", probs)
+        _check_values("labels", labels)
     if samples is not None:
         _check_values("samples", samples if samples.dtype != torch.bool else samples.to(torch.uint8), binary=True)
 
@@ -421,9 +429,9 @@ def nce_ranking_loss(
             z = z - _ref.log_q(probs.detach(), yy)
         return _ref.reduce(torch.logsumexp(z, 1) - z[:, 0], _reduction(reduction))
     unary = energy.unary(x)
-    return sampled_nce_loss(unary, probs, labels, energy.global_linear.weight, energy.global_linear.bias,
-                            energy.global_out, num_samples=num_samples, samples=samples, use_logq=use_logq,
-                            reduction=reduction, generator=generator, backend=backend)
+    return _sampled_nce_loss(unary, probs, labels, energy.global_linear.weight, energy.global_linear.bias,
+                             energy.global_out, num_samples, samples, use_logq, reduction, generator, backend,
+                             check_values=False)
 
 
 class NCERankingLoss(nn.Module):

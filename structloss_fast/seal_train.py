@@ -2,7 +2,8 @@
 SEAL-dynamic, SPEN (SSVM training, gradient-based inference at test time) and the InfNet / SSVM
 margin setting. All use AdamW, batch 32, task-net gradient-norm clipping 10, the task-net's lr
 halved when the validation example-F1 plateaus (patience 5), early stopping on validation
-example-F1 (the best weights are restored), and tqdm progress bars.
+example-F1 (the best weights are restored), and tqdm progress bars. AdamW is torch's fused
+implementation where available (`adamw`).
 
 SEAL-dynamic follows the authors' bibtex NCE configuration (iesl/seal-neurips-2022,
 best_models_configs/bibtex_strat_nce_*): for every batch, `outer_rounds` = 5 rounds of
@@ -167,8 +168,19 @@ class _Trainer:
         return self.hist
 
 
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel for all parameters: about 10x faster than the default
+    per-tensor loop on CPU for these sizes) where this torch supports it for the parameters'
+    device."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def _adamw(module, lr, wd):
-    return torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=wd)
+    return adamw(module.parameters(), lr, wd)
 
 
 def _task_step(task_net, opt, loss: Tensor, clip: float) -> float:
@@ -214,7 +226,8 @@ def train_seal_dynamic(task_net: nn.Module, energy: S.EnergyNet, data: dict, cfg
                        task_variant: str = "score") -> History:
     """SEAL-dynamic: for every batch, `outer_rounds` rounds of (`loss_net_steps` loss-net updates
     with `loss` on p = sigmoid(F(x)) (no gradient to F), then one task-net update with
-    seal_task_loss(weight=task_weight)), both with AdamW."""
+    seal_task_loss(weight=task_weight)), both with AdamW. F(x) is computed once per round (the
+    task-net does not change during the round's loss-net updates)."""
     x, y = data["train"]
     t_opt = _adamw(task_net, cfg.lr, cfg.weight_decay)
     e_opt = _adamw(energy, cfg.energy_lr, cfg.weight_decay)
@@ -226,15 +239,17 @@ def train_seal_dynamic(task_net: nn.Module, energy: S.EnergyNet, data: dict, cfg
         for idx in _batches(x.shape[0], cfg.batch_size, gen):
             xb, yb = x[idx], y[idx]
             for _ in range(outer_rounds):
+                # The task-net does not change during a round's loss-net updates: one forward
+                # (one dropout mask) serves them (p, detached) and the task-net update after them.
+                logits = task_net(xb)
+                probs = torch.sigmoid(logits.detach())
                 for _ in range(loss_net_steps):
-                    with torch.no_grad():
-                        probs = torch.sigmoid(task_net(xb))
                     e_loss = _loss_net_loss(loss, energy, xb, probs, yb, num_samples, sample_gen)
                     e_opt.zero_grad(set_to_none=True)
                     e_loss.backward()
                     e_opt.step()
                 with _Frozen(energy):
-                    t_loss = S.seal_task_loss(energy, xb, task_net(xb), yb, weight=task_weight, variant=task_variant)
+                    t_loss = S.seal_task_loss(energy, xb, logits, yb, weight=task_weight, variant=task_variant)
                     total += _task_step(task_net, t_opt, t_loss, cfg.grad_clip)
         return total
 

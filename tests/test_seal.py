@@ -160,6 +160,7 @@ def test_fused_kernel_sampling_statistics_via_its_gradient(backend, device):
 # ---------------------------------------------------------------- the energy
 
 
+@torch.no_grad()
 def hand_score(net, x, y):
     """s(x, y) written out with loops: sum_i y_i b_i.T(x) + sum_h c2_h log(1 + exp(sum_l C1_hl y_l + b1_h))."""
     T = net.features(x)
@@ -171,7 +172,7 @@ def hand_score(net, x, y):
         yy = y[tuple(idx)]
         s = 0.0
         for i in range(y.shape[-1]):
-            s += float(yy[i]) * float((Bm[i] @ T[b_]).detach())
+            s += float(yy[i]) * float(Bm[i] @ T[b_])
         for h in range(C1.shape[0]):
             a = float(b1[h]) + sum(float(C1[h, l]) * float(yy[l]) for l in range(y.shape[-1]))
             s += float(c2[h]) * math.log1p(math.exp(a))

@@ -437,7 +437,7 @@ SLF_CPU_MULTIVERSION void example_gradient(const NceProblem<T>& P, int64_t b, Nc
 }
 
 // Chunks of examples with their own partial gradients; the size depends on B only.
-int64_t chunk_size(int64_t B) { return std::max<int64_t>(16, (B + 31) / 32); }
+int64_t chunk_size(int64_t B) { return std::max<int64_t>(8, (B + 31) / 32); }
 
 struct Prepared {
   at::Tensor unary, probs, gold, w1t, b1, c2, h_gold, samples;
@@ -528,7 +528,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_examples(const Pr
   }
   T* st = stats.data_ptr<T>();
   const int64_t n_stats = K + 2;
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+  // Small problems run inline: a parallel region costs more than their work (and under load a
+  // second thread may not even be scheduled).
+  const int64_t work_per_chunk = std::max<int64_t>(1, CH * (K + 1) * (L + Hp));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / work_per_chunk);
+  at::parallel_for(0, n_chunks, grain, [&](int64_t c_begin, int64_t c_end) {
     NceScratch<T> S(P);
     for (int64_t c = c_begin; c < c_end; ++c) {
       GradOut<T> G{};

@@ -7,7 +7,7 @@
   p "bibtex" draws p = sigmoid(N(-3, 1.5^2)) (about 9% of the labels on, a multi-label
   task-net's outputs: bibtex has 2.4 of 159 labels on).
 - seal/train_step: one SEAL-dynamic training step (one NCE loss-net update + one task-net update,
-  AdamW, bibtex shapes: 1836 features, 159 labels, 400 hidden, batch 32, K = 20) against one
+  fused AdamW, bibtex shapes: 1836 features, 159 labels, 400 hidden, batch 32, K = 20) against one
   BCE-only task-net step (reference point), with the fused kernel and with the composite NCE;
   "authors-batch" is the authors' full per-batch schedule (5 x (12 loss-net steps + 1 task step)).
 """
@@ -87,8 +87,8 @@ def train_step_provider(kind: str):
         F_, L, Hd, B, K = size["features"], size["L"], size["hidden"], size["batch"], size["K"]
         task = T.TaskNet(F_, L, hidden=Hd).to(device)
         energy = slf.EnergyNet(F_, L, hidden=Hd, global_hidden=size["H"]).to(device)
-        t_opt = torch.optim.AdamW(task.parameters(), lr=1e-3, weight_decay=1e-5)
-        e_opt = torch.optim.AdamW(energy.parameters(), lr=1e-3, weight_decay=1e-5)
+        t_opt = T.adamw(task.parameters(), 1e-3, 1e-5)  # fused AdamW, for both steps
+        e_opt = T.adamw(energy.parameters(), 1e-3, 1e-5)
         g = torch.Generator().manual_seed(1)
         x = torch.log1p(torch.poisson(torch.full((B, F_), 0.05), generator=g)).to(device)
         y = (torch.rand(B, L, generator=g) < 2.4 / L).float().to(device)
@@ -100,9 +100,7 @@ def train_step_provider(kind: str):
             torch.nn.utils.clip_grad_norm_(task.parameters(), 10.0)
             t_opt.step()
 
-        def loss_net_step(composite: bool):
-            with torch.no_grad():
-                p = torch.sigmoid(task(x))
+        def loss_net_step(composite: bool, p):
             if composite:
                 u = energy.unary(x)
                 loss = composite_nce(u, p, y, energy.global_linear.weight, energy.global_linear.bias,
@@ -113,10 +111,10 @@ def train_step_provider(kind: str):
             loss.backward()
             e_opt.step()
 
-        def task_step():
+        def task_step(logits):
             for q in energy.parameters():
                 q.requires_grad_(False)
-            loss = slf.seal_task_loss(energy, x, task(x), y, weight=5.51)
+            loss = slf.seal_task_loss(energy, x, logits, y, weight=5.51)
             t_opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(task.parameters(), 10.0)
@@ -127,15 +125,18 @@ def train_step_provider(kind: str):
         if kind == "bce":
             return bce_step
 
-        def seal_step():
-            loss_net_step(kind == "composite")
-            task_step()
+        def seal_step():  # as train_seal_dynamic: one task-net forward serves both updates
+            logits = task(x)
+            loss_net_step(kind == "composite", torch.sigmoid(logits.detach()))
+            task_step(logits)
 
         def authors_batch():
             for _ in range(5):
+                logits = task(x)
+                p = torch.sigmoid(logits.detach())
                 for _ in range(12):
-                    loss_net_step(False)
-                task_step()
+                    loss_net_step(False, p)
+                task_step(logits)
 
         return authors_batch if kind == "authors" else seal_step
 

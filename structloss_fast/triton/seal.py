@@ -84,8 +84,10 @@ def _nce_fwd_kernel(U, P, Y, W1T, B1, C2, SEED, SAMP, STATS, L, H, K,
     p = tl.load(P + b * L + ls, mask=lmask, other=0.5).to(ACC)
     u = tl.load(U + b * L + ls, mask=lmask, other=0.0).to(ACC)
     y = _label_tile(b, L, K, Y, SAMP, SEED, p, rs, ls, lmask, EXPLICIT, ACC)
-    lp = tl.where(lmask, tl.maximum(tl.log(p), -100.0), 0.0)
-    l1p = tl.where(lmask, tl.maximum(tl.log(1.0 - p), -100.0), 0.0)
+    # log 0 -> -100 (BCELoss's clamp) without evaluating log(0) (the interpreter warns on it)
+    lp = tl.where(lmask, tl.where(p == 0.0, -100.0, tl.maximum(tl.log(tl.where(p == 0.0, 1.0, p)), -100.0)), 0.0)
+    q = 1.0 - p
+    l1p = tl.where(lmask, tl.where(q == 0.0, -100.0, tl.maximum(tl.log(tl.where(q == 0.0, 1.0, q)), -100.0)), 0.0)
     z = tl.sum(y * u[None, :], 1)
     if USE_LOGQ:
         z -= tl.sum(y * lp[None, :] + (1.0 - y) * l1p[None, :], 1)
