@@ -5,6 +5,7 @@ the regression / margin / task losses, SPEN's gradient-based inference, edge cas
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -62,6 +63,49 @@ def test_philox_matches_random123_known_answers():
     for ctr, key, expected in cases:
         out = ref.philox4x32(*[t(c) for c in ctr], key[0] | (key[1] << 32))
         assert tuple(int(w) for w in out) == expected
+
+
+ATEN_CHECK = r"""
+#include <ATen/core/PhiloxRNGEngine.h>
+#include <cstdio>
+#include "common/seal_math.h"
+int main() {
+  const uint64_t seed = 0x123456789abcdef0ULL;
+  int bad = 0;
+  for (uint64_t b : {0ULL, 7ULL, 123456ULL, (1ULL << 32) + 5})
+    for (uint32_t k = 0; k < 5; ++k)
+      for (uint32_t j = 0; j < 6; ++j) {
+        at::Philox4_32 eng(seed, /*subsequence=*/b, /*offset=*/(uint64_t(k) << 32) + j);
+        auto r = structloss_fast::seal::philox4x32_10(j, k, uint32_t(b), uint32_t(b >> 32), uint32_t(seed),
+                                                      uint32_t(seed >> 32));
+        const uint32_t w[4] = {r.x0, r.x1, r.x2, r.x3};
+        for (int i = 0; i < 4; ++i) bad += eng() != w[i];
+      }
+  std::printf("%d\n", bad);
+  return bad != 0;
+}
+"""
+
+
+def test_kernel_generator_is_atens_philox(tmp_path):
+    """The kernel's generator (csrc/common/seal_math.h) is ATen's at::Philox4_32: sample k of
+    example b, labels 4j..4j+3 = at::Philox4_32(seed, subsequence=b, offset=(k << 32) + j)."""
+    import shutil
+    import subprocess
+
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    src = tmp_path / "check.cpp"
+    src.write_text(ATEN_CHECK)
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    exe = tmp_path / "check"
+    flags = [f"-I{p}" for p in include_paths()] + [f"-I{csrc}"]
+    subprocess.run([cxx, "-std=c++17", "-O1", *flags, str(src), "-o", str(exe)], check=True, capture_output=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "0", out.stdout
 
 
 @pytest.mark.skipif(not _ext.has_kernel("seal_bernoulli", "CPU"), reason="extension not built")
