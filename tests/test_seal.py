@@ -74,7 +74,7 @@ int main() {
   int bad = 0;
   for (uint64_t b : {0ULL, 7ULL, 123456ULL, (1ULL << 32) + 5})
     for (uint32_t k = 0; k < 5; ++k)
-      for (uint32_t j = 0; j < 6; ++j) {
+      for (uint32_t j = 0; j < 6; ++j) {  // the call with counter j serves labels j + J * word
         at::Philox4_32 eng(seed, /*subsequence=*/b, /*offset=*/(uint64_t(k) << 32) + j);
         auto r = structloss_fast::seal::philox4x32_10(j, k, uint32_t(b), uint32_t(b >> 32), uint32_t(seed),
                                                       uint32_t(seed >> 32));
@@ -89,7 +89,8 @@ int main() {
 
 def test_kernel_generator_is_atens_philox(tmp_path):
     """The kernel's generator (csrc/common/seal_math.h) is ATen's at::Philox4_32: sample k of
-    example b, labels 4j..4j+3 = at::Philox4_32(seed, subsequence=b, offset=(k << 32) + j)."""
+    example b, labels j, J + j, 2J + j, 3J + j (J = ceil(L / 4)) = the 4 words of
+    at::Philox4_32(seed, subsequence=b, offset=(k << 32) + j)."""
     import shutil
     import subprocess
 

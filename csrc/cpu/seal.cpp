@@ -1,7 +1,8 @@
 // CPU kernels of the SEAL family: the fused sample-and-score noise-contrastive loss.
 //
 // For every example b the kernel draws K Bernoulli(p_b) label vectors from a counter-based
-// generator (Philox4x32-10 keyed by a 64-bit seed, counter = (label group, sample, example):
+// generator (Philox4x32-10 keyed by a 64-bit seed, counter = (l mod J, sample, example) with
+// J = ceil(L / 4), word l div J for label l:
 // see csrc/common/seal_math.h and structloss_fast/reference/seal.py), and scores each one,
 //   z_k = u_b . y_k + c2^T softplus(C1 y_k + b1) - log q(y_k),
 // next to the gold vector at k = 0, and returns loss_b = LSE_k z_k - z_0. Samples are binary,
@@ -198,12 +199,13 @@ SLF_CPU_MULTIVERSION void draw_sample(const NceProblem<T>& P, int64_t b, int64_t
     const uint32_t bl = static_cast<uint32_t>(static_cast<uint64_t>(b));
     const uint32_t bh = static_cast<uint32_t>(static_cast<uint64_t>(b) >> 32);
     const uint32_t kk = static_cast<uint32_t>(k);
+    // Label l takes word (l / J) of call (l % J): four contiguous streams (no interleaving).
     for (int64_t j = 0; j < J; ++j) {
       const Philox4 r = philox4x32_10(static_cast<uint32_t>(j), kk, bl, bh, P.key0, P.key1);
-      wout[4 * j + 0] = r.x0;
-      wout[4 * j + 1] = r.x1;
-      wout[4 * j + 2] = r.x2;
-      wout[4 * j + 3] = r.x3;
+      wout[j] = r.x0;
+      wout[J + j] = r.x1;
+      wout[2 * J + j] = r.x2;
+      wout[3 * J + j] = r.x3;
     }
   }
   const T* __restrict p24 = S.p24.data();

@@ -124,9 +124,9 @@ def task_loss(logits, labels, score_of_probs, *, weight: float, variant: str = "
 # ---------------------------------------------------------------- the samples of the fused kernels
 #
 # Philox4x32-10 (Salmon et al., SC'11), the generator of ATen's at::Philox4_32 and of Triton's
-# tl.randint4x: key = the 64-bit seed (low word, high word); the fused kernels draw the labels
-# 4j..4j+3 of sample k of example b from counter (j, k, b_lo, b_hi), one output word per label,
-# which is at::Philox4_32(seed, /*subsequence=*/b, /*offset=*/(k << 32) + j). A label is on when
+# tl.randint4x: key = the 64-bit seed (low word, high word). With J = ceil(L / 4), label l of
+# sample k of example b is output word (l div J) of the call with counter (l mod J, k, b_lo, b_hi),
+# which is at::Philox4_32(seed, /*subsequence=*/b, /*offset=*/(k << 32) + (l mod J)). A label is on when
 # (word >> 8) * 2^-24 < p: a 24-bit uniform, exact in every float dtype, so all backends agree bit
 # for bit; P(on) = ceil(p * 2^24) / 2^24, within 6e-8 of p.
 
@@ -167,7 +167,7 @@ def philox_uniform24(batch: int, num_samples: int, num_labels: int, seed: int, d
     j = torch.arange(J, dtype=torch.int64, device=device).view(1, 1, -1)
     shape = (batch, num_samples, J)
     words = philox4x32(j.expand(shape), k.expand(shape), (b & MASK32).expand(shape), (b >> 32).expand(shape), seed)
-    out = torch.stack(words, dim=-1).reshape(batch, num_samples, 4 * J)[..., :num_labels]
+    out = torch.cat(words, dim=-1)[..., :num_labels]  # label l: word l // J of call l % J
     return out >> 8
 
 

@@ -48,12 +48,13 @@ def _label_tile(b, L, K, Y, SAMP, SEED, p, rs, ls, lmask, EXPLICIT: tl.constexpr
         k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
         k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
         zero = tl.zeros((rs.shape[0], ls.shape[0]), dtype=tl.uint32)
-        c0 = zero + (ls // 4).to(tl.uint32)[None, :]
+        J = (L + 3) // 4  # label l: word l // J of the call with counter l % J
+        c0 = zero + (ls % J).to(tl.uint32)[None, :]
         c1 = zero + tl.where(sample_row, rs - 1, 0).to(tl.uint32)[:, None]
         c2 = zero + b  # example index (< 2^31, checked by the launcher): high word 0
         c3 = zero
         r0, r1, r2, r3 = _philox(c0, c1, c2, c3, k0, k1)
-        lane = (ls % 4)[None, :]
+        lane = (ls // J)[None, :]
         word = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
         uniform24 = (word >> 8).to(ACC)
         on = tl.where(valid & (uniform24 < p[None, :] * 16777216.0), 1.0, 0.0).to(ACC)
