@@ -6,10 +6,11 @@
 // see csrc/common/seal_math.h and structloss_fast/reference/seal.py), and scores each one,
 //   z_k = u_b . y_k + c2^T softplus(C1 y_k + b1) - log q(y_k),
 // next to the gold vector at k = 0, and returns loss_b = LSE_k z_k - z_0. Samples are binary,
-// so C1 y_k is the sum of the columns of C1 of the labels that are on: the kernel keeps, per
-// sample, the list of those labels (cost proportional to the labels drawn, not to L), and
-// never stores the B x K x L sample tensor: a sample lives in per-thread scratch while its
-// example is scored. The gradient is formed in the same pass when the loss is reduced
+// so C1 y_k is a sum of columns of C1: the kernel keeps, per sample, the list of the labels where
+// it differs from the example's vector f = [p > 1/2] and computes C1 y_k + b1 = (C1 f + b1) +
+// (columns added) - (columns removed): the cost is proportional to sum_l min(p_l, 1 - p_l), not
+// to L. It never stores the B x K x L sample tensor: a sample lives in per-thread scratch while
+// its example is scored. The gradient is formed in the same pass when the loss is reduced
 // (compute_grad), or recomputed from the seed in the backward op.
 //
 // Examples are processed in fixed chunks (independent of the thread count); each chunk owns a
@@ -232,7 +233,6 @@ SLF_CPU_MULTIVERSION void draw_sample(const NceProblem<T>& P, int64_t b, int64_t
   // The exceptions to the flip vector, additions first (branch-free compaction).
   int32_t* __restrict idx = S.idx.data() + k * L;
   const int32_t* __restrict order = S.order.data();
-  const int32_t* __restrict flip = S.flip.data();
   const int64_t nu = S.n_unflipped;
   int32_t n = 0;
   for (int64_t t = 0; t < nu; ++t) {
@@ -246,7 +246,6 @@ SLF_CPU_MULTIVERSION void draw_sample(const NceProblem<T>& P, int64_t b, int64_t
     idx[n] = l;
     n += 1 - on[l];
   }
-  (void)flip;
   S.nnz[k] = n;
   local = loc;
   logq = lq;
