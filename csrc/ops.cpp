@@ -67,4 +67,24 @@ TORCH_LIBRARY(structloss_fast, m) {
   // ---- cg / taskmet family (structloss_fast/ops/cg.py) ----
 
   // ---- seal family (structloss_fast/ops/seal.py) ----
+  // Fused sample-and-score noise-contrastive loss of a SEAL energy with unary potentials
+  // unary (B, L) and global term c2^T softplus(C1 y + b1), C1 = global_weight (H, L):
+  // draws num_samples = K Bernoulli(probs) label vectors per example from the 64-bit seed
+  // (Philox4x32-10; or reads them from samples (B, K, L)), z_k = s(y_k) - [use_logq] log q(y_k)
+  // with the gold labels at k = 0, loss_b = LSE_k z_k - z_0. reduction: 0 none, 1 mean, 2 sum.
+  // stats (B, K + 2) = (z_0 .. z_K, LSE). With compute_grad (mean/sum) the grad outputs hold
+  // the gradient of the reduced loss (probs and labels get none); otherwise they are empty.
+  m.def(
+      "seal_nce_loss(Tensor unary, Tensor probs, Tensor labels, Tensor global_weight, Tensor global_bias, "
+      "Tensor global_out, Tensor seed, Tensor? samples, int num_samples, bool use_logq, int reduction, "
+      "bool compute_grad) -> (Tensor loss, Tensor stats, Tensor grad_unary, Tensor grad_weight, "
+      "Tensor grad_bias, Tensor grad_out)");
+  // Recomputing backward (samples redrawn from the seed): gradients of sum_b row_weights[b] * loss_b.
+  m.def(
+      "seal_nce_loss_backward(Tensor unary, Tensor probs, Tensor labels, Tensor global_weight, "
+      "Tensor global_bias, Tensor global_out, Tensor seed, Tensor? samples, int num_samples, bool use_logq, "
+      "Tensor stats, Tensor row_weights) -> (Tensor grad_unary, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_out)");
+  // The samples seal_nce_loss draws for this seed, (B, K, L) in probs' dtype (for inspection and tests).
+  m.def("seal_bernoulli(Tensor probs, Tensor seed, int num_samples) -> Tensor");
 }

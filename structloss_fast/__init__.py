@@ -59,3 +59,14 @@ __all__ += [
     "normface_loss", "cosface_loss", "arcface_loss", "circle_class_loss",
     "NormFaceLoss", "CosFaceLoss", "ArcFaceLoss", "CircleClassLoss",
 ]
+
+# ---- seal family ----
+from .seal import (  # noqa: E402
+    CostAugmentedNet, EnergyNet, NCERankingLoss, gbi_inference, margin_loss, nce_ranking_loss, regression_loss,
+    sampled_nce_loss, seal_bernoulli, seal_task_loss,
+)
+
+__all__ += [
+    "CostAugmentedNet", "EnergyNet", "NCERankingLoss", "gbi_inference", "margin_loss", "nce_ranking_loss",
+    "regression_loss", "sampled_nce_loss", "seal_bernoulli", "seal_task_loss",
+]

@@ -8,7 +8,7 @@ import torch
 from . import __version__, _ext
 
 # One op per family that has compiled kernels; info reports each backend for these.
-PROBE_OPS = {"pairwise": "pairwise_loss", "softmax": "softmax_loss", "sgld": "sgld_step_"}
+PROBE_OPS = {"pairwise": "pairwise_loss", "softmax": "softmax_loss", "sgld": "sgld_step_", "seal": "seal_nce_loss"}
 
 
 def report() -> str:
