@@ -82,30 +82,8 @@ SLF_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
-// Natural log of u in [2^-24, 1].
-SLF_HD float log_unit(float u) {
-  const uint32_t bits = float_to_bits(u);
-  int32_t e = static_cast<int32_t>(bits >> 23) - 126;  // u = m * 2^e, m in [0.5, 1)
-  float m = bits_to_float((bits & 0x007fffffu) | 0x3f000000u);
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1 : e;
-  m = small ? (m + m) - 1.0f : m - 1.0f;  // m in [sqrt(0.5) - 1, sqrt(2) - 1)
-  const float z = m * m;
-  float p = 7.0376836292e-2f;
-  p = p * m - 1.1514610310e-1f;
-  p = p * m + 1.1676998740e-1f;
-  p = p * m - 1.2420140846e-1f;
-  p = p * m + 1.4249322787e-1f;
-  p = p * m - 1.6668057665e-1f;
-  p = p * m + 2.0000714765e-1f;
-  p = p * m - 2.4999993993e-1f;
-  p = p * m + 3.3333331174e-1f;
-  const float fe = static_cast<float>(e);
-  float y = p * m * z;
-  y = y + fe * -2.12194440e-4f;
-  y = y - 0.5f * z;
-  return (m + y) + fe * 0.693359375f;
-}
+// Natural log of u in [2^-24, 1] (math.h's log_fast: Cephes reduction and polynomial).
+SLF_HD float log_unit(float u) { return log_fast(u); }
 
 // (cos, sin) of 2*pi*v for v in [0, 1): quarter turns taken exactly, the rest by polynomials
 // on [-pi/4, pi/4].

@@ -174,46 +174,6 @@ inline Bonus<T> bonus_of(T p, T q, const ElParams<T>& el) {
   return r;
 }
 
-// log(x) for float on [FLT_MIN, inf), branch-free (Cephes logf: frexp-style reduction to
-// [sqrt(1/2), sqrt(2)) and a degree-8 polynomial, about 1 ulp). NaN stays NaN. Used on
-// arguments in [1/2, 1] (log1p_neg_fast below); 0 and negatives are not handled.
-SLF_HD float log_fast(float x) {
-  int32_t bits;
-#if defined(__CUDA_ARCH__)
-  bits = __float_as_int(x);
-#else
-  std::memcpy(&bits, &x, sizeof(float));
-#endif
-  int32_t e = ((bits >> 23) & 0xff) - 126;
-  int32_t mbits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
-  float m;
-#if defined(__CUDA_ARCH__)
-  m = __int_as_float(mbits);
-#else
-  std::memcpy(&m, &mbits, sizeof(float));
-#endif
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1 : e;
-  m = small ? m + m - 1.0f : m - 1.0f;
-  const float fe = static_cast<float>(e);
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  y = y + -2.12194440e-4f * fe;
-  y = y + -0.5f * z;
-  float r = m + y + 0.693359375f * fe;
-  return x != x ? x : r;
-}
-
-SLF_HD double log_fast(double x) { return log(x); }
 
 // log(1 - p) for p in [0, 1/2] without losing small p: u = 1 - p is exact to half an ulp and
 // log1p(-p) = log(u) - ((u - 1) + p) / u corrects for its rounding.
