@@ -6,3 +6,8 @@ from ._ext import BackendUnavailable
 from .pairwise import CircleLoss, UnifiedLoss, circle_loss, unified_loss
 
 __all__ = ["BackendUnavailable", "CircleLoss", "UnifiedLoss", "circle_loss", "unified_loss", "__version__"]
+
+# ---- cg / taskmet family ----
+from .cg import CGNotConverged, CGResult, CGWarning, cg  # noqa: E402
+
+__all__ += ["CGNotConverged", "CGResult", "CGWarning", "cg"]
