@@ -38,18 +38,19 @@ def flat(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def implicit_gradient(inner_loss: Callable, theta: Sequence[Tensor], params: Sequence[Tensor],
-                      grad_theta: Sequence[Tensor], ridge: float = 0.0) -> list[Tensor]:
+def implicit_gradient(inner_loss: Callable, theta, params: Sequence[Tensor], grad_theta, ridge: float = 0.0):
     """dL/dparams = -(d^2 inner / dparams dtheta) (H + ridge I)^{-1} dL/dtheta, with the Hessian H
     of inner_loss(theta, *params) in theta formed densely (torch.func.hessian) and solved by
-    torch.linalg.solve."""
-    theta = [t.detach() for t in theta]
+    torch.linalg.solve. theta / grad_theta: a tensor or a sequence of tensors (as implicit_argmin)."""
+    single = isinstance(theta, Tensor)
+    theta = [theta.detach()] if single else [t.detach() for t in theta]
+    grad_theta = [grad_theta] if single else list(grad_theta)
     params = [p.detach() for p in params]
     sizes = [t.numel() for t in theta]
 
     def loss_flat(th_flat, *ps):
-        parts = torch.split(th_flat, sizes)
-        return inner_loss(tuple(p.view_as(t) for p, t in zip(parts, theta)), *ps)
+        parts = [p.view_as(t) for p, t in zip(torch.split(th_flat, sizes), theta)]
+        return inner_loss(parts[0] if single else tuple(parts), *ps)
 
     th = flat(theta)
     H = torch.func.hessian(loss_flat, argnums=0)(th, *params)
