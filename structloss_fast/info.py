@@ -8,7 +8,7 @@ import torch
 from . import __version__, _ext
 
 # One op per family that has compiled kernels; info reports each backend for these.
-PROBE_OPS = {"pairwise": "pairwise_loss"}
+PROBE_OPS = {"pairwise": "pairwise_loss", "taskmet": "cg_dense"}
 
 
 def report() -> str:

@@ -79,7 +79,7 @@ struct DenseProblem {
   bool a_in_smem;
   unsigned char* work;
   int64_t work_stride;
-  int64_t t_elems;  // T elements before the int64 / uint8 arrays (8-byte aligned)
+  int64_t t_bytes;  // bytes of the T arrays, rounded up to 8: the int64 / uint8 arrays follow
 };
 
 template <typename T>
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kMaxThreads) cg_dense_kernel(DenseProblem<T> p
   T* tol = rz + k;
   T* rn = tol + k;
   T* Acache = rn + k;
-  int64_t* it_count = reinterpret_cast<int64_t*>(reinterpret_cast<T*>(base) + pr.t_elems);
+  int64_t* it_count = reinterpret_cast<int64_t*>(base + pr.t_bytes);
   uint8_t* st = reinterpret_cast<uint8_t*>(it_count + k);
   const T nan = cg::quiet_nan<T>();
 
@@ -280,10 +280,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cg_dense_cuda(const a
     pr.rnorm = rnorm.data_ptr<T>();
     pr.status = status.data_ptr<uint8_t>();
     const int64_t vec = (M.defined() ? 5 : 4) * n * k + 3 * k;
-    auto layout_bytes = [&](bool with_a) {
+    auto layout_bytes = [&](bool with_a) {  // (bytes of the T arrays, total bytes)
       const int64_t t_elems = vec + (with_a ? n * n : 0);
       const int64_t t_bytes = (t_elems * int64_t(sizeof(T)) + 7) / 8 * 8;
-      return std::make_pair(t_elems, t_bytes + 8 * k + k);
+      return std::make_pair(t_bytes, t_bytes + 8 * k + k);
     };
     auto with_a = layout_bytes(true);
     auto without_a = layout_bytes(false);
@@ -292,13 +292,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cg_dense_cuda(const a
     if (with_a.second <= kSmemBudget) {
       pr.use_smem = true;
       pr.a_in_smem = true;
-      pr.t_elems = with_a.first;
+      pr.t_bytes = with_a.first;
       smem = with_a.second;
       pr.work = nullptr;
       pr.work_stride = 0;
     } else {
       pr.a_in_smem = false;
-      pr.t_elems = without_a.first;
+      pr.t_bytes = without_a.first;
       pr.use_smem = without_a.second <= kSmemBudget;
       if (pr.use_smem) {
         smem = without_a.second;
