@@ -165,6 +165,11 @@ def test_callable_preconditioner_runs_on_the_reference_and_cpu_refuses_it():
     d = 1 / torch.diagonal(A, dim1=-2, dim2=-1)
     res = slf.cg(A, b, M=lambda r: d * r, rtol=1e-12)
     assert_tight(res.x, torch.linalg.solve(A, b), rtol=1e-10)
+    # a dense M with a callable A runs on the reference update
+    Minv = torch.linalg.inv(A)
+    res = slf.cg(op_of(A), b, M=Minv, rtol=1e-12)
+    assert_tight(res.x, torch.linalg.solve(A, b), rtol=1e-10)
+    assert (res.iterations <= 2).all()
     with pytest.raises(slf.BackendUnavailable, match="callable preconditioner"):
         slf.cg(A, b, M=lambda r: d * r, backend="cpu")
     with pytest.raises(slf.BackendUnavailable, match="diagonal"):

@@ -472,3 +472,45 @@ def test_cubic_targets_over_five_seeds():
     res = tt.compare("cubic", seeds=(0, 1, 2, 3, 4), progress=False)
     assert sum(res["taskmet"]) / 5 >= 0.9, res["taskmet"]
     assert sum(res["mse"]) / 5 <= -0.5, res["mse"]
+
+
+def test_trainer_implicit_gradient_matches_exact_on_the_cubic_task():
+    """The trainer's inner problem (the Mahalanobis loss of the linear predictor over the training
+    items, as a function of the metric network's parameters): the CG implicit gradient equals
+    the exact-Hessian one, at an inner solution converged by the closed form."""
+    task = tt.CubicTopK(0, n_train=40, n_test=10, dtype=torch.float64)
+    torch.manual_seed(0)
+    pred, metric = task.make_predictor(), task.make_metric()
+    trainer = tm.TaskMetTrainer(task)
+    inner = trainer.inner_loss(pred, metric)
+    with torch.no_grad():  # weighted least squares in closed form
+        x = task.x_train.reshape(-1)
+        w = metric(x.unsqueeze(-1)).reshape(-1).square() + metric.identity_weight()
+        F = torch.stack([x, torch.ones_like(x)], dim=-1)
+        a, b = torch.linalg.solve(F.T @ (F * w[:, None]), (F * w[:, None]).T @ task.y_train.reshape(-1))
+    theta = (a.reshape(1, 1), b.reshape(1))
+    phi = list(metric.parameters())
+    grads = {}
+    for solver in ("cg", "exact"):
+        th = tm.implicit_argmin(inner, theta, *phi, solver=solver, rtol=1e-12)
+        out = torch.func.functional_call(pred, {"0.weight": th[0], "0.bias": th[1]}, (task.x_train,))
+        grads[solver] = torch.autograd.grad(task.task_loss(out, task.y_train), phi)
+    for g1, g2 in zip(grads["cg"], grads["exact"]):
+        assert_tight(g1, g2, rtol=1e-8, atol=1e-14)
+    assert any(g.abs().max() > 0 for g in grads["cg"])
+
+
+def test_trainer_runs_with_the_diagonal_metric():
+    task = tt.CubicTopK(1, n_train=40, n_test=20)
+    torch.manual_seed(1)
+    pred = task.make_predictor()
+    metric = tm.DiagonalMetricNet(1, 1, hidden=16, eps=0.1)
+    cfg = tm.TaskMetConfig(outer_steps=3, inner_steps_init=50, inner_steps=10, outer_batch=10, val_every=1,
+                           outer_lr=1e-2)
+    trainer = tm.TaskMetTrainer(task, cfg)
+    hist = trainer.fit_taskmet(pred, metric)
+    assert len(hist["outer_loss"]) == 3 and len(hist["val_dq"]) == 3
+    assert all(math.isfinite(v) for v in hist["outer_loss"])
+    assert hist["cg_iterations"] and max(hist["cg_iterations"]) <= 3
+    with pytest.raises(ValueError, match="implicit_solver"):
+        tm.TaskMetTrainer(task, tm.TaskMetConfig(implicit_solver="lu"))
