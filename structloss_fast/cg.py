@@ -253,7 +253,14 @@ def cg(
         )
     b_batch = b.shape[:-1] if vec else b.shape[:-2]
     k = 1 if vec else b.shape[-1]
-    batch = torch.broadcast_shapes(A.shape[:-2], b_batch) if dense else b_batch
+    if dense:
+        try:
+            batch = torch.broadcast_shapes(A.shape[:-2], b_batch)
+        except RuntimeError:
+            raise ValueError(f"the batch shapes of A {tuple(A.shape[:-2])} and b {tuple(b_batch)} do not broadcast "
+                             f"(A {_validate._desc(A)}; b {_validate._desc(b)})") from None
+    else:
+        batch = b_batch
     out_shape = tuple(batch) + ((n,) if vec else (n, k))
     S = math.prod(batch)
 

@@ -546,5 +546,7 @@ def test_bad_input_raises_clearly():
         slf.cg(A, b, backend="triton")
     with pytest.raises(slf.BackendUnavailable):
         slf.cg(A, b, backend="cuda")
+    with pytest.raises(ValueError, match="do not broadcast"):
+        slf.cg(spd(3, 4), rhs(2, 4, 1))
     with pytest.raises(ValueError, match="multi_rhs=True needs"):
         slf.cg(op_of(A), rhs(4), multi_rhs=True)
