@@ -297,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cg_dense_cpu(const at
 
 // ---------------------------------------------------------------- matrix-free iteration
 
-constexpr int64_t kChunkElems = 8192;
+constexpr int64_t kChunkElems = 4096;
 
 template <typename T>
 struct UpdateArgs {
@@ -430,9 +430,9 @@ SLF_CPU_MULTIVERSION void direction_chunk(const UpdateArgs<T>& a, int64_t s, int
 template <typename T, typename F>
 void for_chunks(const UpdateArgs<T>& a, const F& fn) {
   const int64_t work = a.S * a.nchunks;
-  // Grain: at least ~256K elements per task. Each sweep is memory-bound and short; splitting a
-  // smaller one costs more in thread wake-ups (three parallel regions per iteration) than it saves.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, a.rows_per_chunk * a.k));
+  // Grain: about at::internal::GRAIN_SIZE (32768) elements per task, as PyTorch's own elementwise
+  // ops split their work.
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, a.rows_per_chunk * a.k));
   at::parallel_for(0, work, grain, [&](int64_t b, int64_t e) {
     for (int64_t w = b; w < e; ++w) fn(a, w / a.nchunks, w % a.nchunks);
   });
