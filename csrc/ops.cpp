@@ -65,6 +65,22 @@ TORCH_LIBRARY(structloss_fast, m) {
       {at::Tag::nondeterministic_seeded});
 
   // ---- cg / taskmet family (structloss_fast/ops/cg.py) ----
+  // Batched dense conjugate gradients, the whole loop in one kernel per system. A (SA, n, n)
+  // symmetric, SA in {1, S} (1: shared by every system); b (S, n, k); x0 None or (S, n, k);
+  // precond None, (SP, n) (diagonal of M, z = M r) or (SP, n, n) (dense M), SP in {1, S}.
+  // Solves (A + ridge I) x = b per column to ||r|| <= max(rtol ||b||, atol). Outputs x (S, n, k),
+  // iterations (S, k) int64, residual_norm (S, k), status (S, k) uint8 (csrc/common/cg_math.h).
+  m.def(
+      "cg_dense(Tensor A, Tensor b, Tensor? x0, Tensor? precond, float ridge, float rtol, float atol, "
+      "int maxiter) -> (Tensor x, Tensor iterations, Tensor residual_norm, Tensor status)");
+  // One matrix-free CG iteration of every running column, in place, given Ap = A p: the two
+  // inner products, the x / r / p updates, the (diagonal) preconditioner and the per-column
+  // convergence test in one op, without a host synchronisation. x, r, p, Ap (S, n, k);
+  // precond None or (S, n) (diagonal of M); rz, residual_norm, tol (S, k); iterations (S, k)
+  // int64; status (S, k) uint8.
+  m.def(
+      "cg_update(Tensor(a!) x, Tensor(b!) r, Tensor(c!) p, Tensor Ap, Tensor? precond, Tensor(d!) rz, "
+      "Tensor(e!) residual_norm, Tensor tol, Tensor(f!) iterations, Tensor(g!) status) -> ()");
 
   // ---- seal family (structloss_fast/ops/seal.py) ----
   // Fused sample-and-score noise-contrastive loss of a SEAL energy with unary potentials

@@ -70,3 +70,15 @@ __all__ += [
     "CostAugmentedNet", "EnergyNet", "NCERankingLoss", "gbi_inference", "margin_loss", "nce_ranking_loss",
     "regression_loss", "sampled_nce_loss", "seal_bernoulli", "seal_task_loss",
 ]
+
+# ---- cg / taskmet family ----
+from .cg import CGNotConverged, CGResult, CGWarning, cg  # noqa: E402
+from .taskmet import (  # noqa: E402
+    DiagonalMetricNet, MetricNet, TaskMetConfig, TaskMetTrainer, custom_argmin, implicit_argmin, mahalanobis_loss,
+    unrolled_argmin,
+)
+
+__all__ += [
+    "CGNotConverged", "CGResult", "CGWarning", "cg", "mahalanobis_loss", "MetricNet", "DiagonalMetricNet",
+    "implicit_argmin", "custom_argmin", "unrolled_argmin", "TaskMetConfig", "TaskMetTrainer",
+]

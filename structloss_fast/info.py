@@ -8,7 +8,13 @@ import torch
 from . import __version__, _ext
 
 # One op per family that has compiled kernels; info reports each backend for these.
-PROBE_OPS = {"pairwise": "pairwise_loss", "softmax": "softmax_loss", "sgld": "sgld_step_", "seal": "seal_nce_loss"}
+PROBE_OPS = {
+    "pairwise": "pairwise_loss",
+    "softmax": "softmax_loss",
+    "sgld": "sgld_step_",
+    "cg": "cg_dense",
+    "seal": "seal_nce_loss",
+}
 
 
 def report() -> str:
@@ -31,11 +37,12 @@ def report() -> str:
             for dev in ("cpu", "cuda"):
                 usable, reason = _ext.backend_status(backend, torch.device(dev), op)
                 if dev == "cuda" and usable and not gpu:
-                    usable, reason = False, "no GPU is visible" + (" (kernels are built)" if backend in ("cuda", "triton") and usable else "")
+                    usable, reason = False, "no GPU is visible"
                 cells.append(("yes" if usable else "no") + f" ({reason})")
             lines.append(f"    {backend:<9} {cells[0]}  |  {cells[1]}")
-        built_cuda = _ext.has_kernel(op, "CUDA")
-        lines.append(f"    CUDA kernels compiled into this build: {'yes' if built_cuda else 'no'}")
+        if "cuda" in _ext.op_backends(op):
+            built_cuda = _ext.has_kernel(op, "CUDA")
+            lines.append(f"    CUDA kernels compiled into this build: {'yes' if built_cuda else 'no'}")
     return "\n".join(lines)
 
 
