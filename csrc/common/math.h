@@ -105,8 +105,7 @@ SLF_HD float exp_fast(float x) {
 #if defined(__CUDA_ARCH__)
   float scale = __int_as_float(bits);
 #else
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
+  const float scale = __builtin_bit_cast(float, bits);  // a memcpy here blocks the vectorizer
 #endif
   float y = p * scale;
   y = x > kHi ? static_cast<float>(INFINITY) : y;
@@ -125,7 +124,7 @@ SLF_HD float log_fast(float x) {
 #if defined(__CUDA_ARCH__)
   bits = __float_as_int(x);
 #else
-  std::memcpy(&bits, &x, sizeof(float));
+  bits = __builtin_bit_cast(int32_t, x);
 #endif
   int32_t e = ((bits >> 23) & 0xff) - 126;
   int32_t mbits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
@@ -133,7 +132,7 @@ SLF_HD float log_fast(float x) {
 #if defined(__CUDA_ARCH__)
   m = __int_as_float(mbits);
 #else
-  std::memcpy(&m, &mbits, sizeof(float));
+  m = __builtin_bit_cast(float, mbits);
 #endif
   const bool small = m < 0.707106781186547524f;
   e = small ? e - 1 : e;

@@ -45,31 +45,25 @@ struct Row {
   T* stats;  // this anchor's kNumRowStats statistics
 };
 
-template <typename T, typename L>
-SLF_HD void count_sets(const Row<T, L>& r, int64_t& n_pos, int64_t& n_neg) {
-  int64_t cp = 0, cn = 0;
-#pragma omp simd reduction(+ : cp, cn)
-  for (int64_t j = 0; j < r.M; ++j) {
-    const bool same = r.lab[j] == r.li;
-    cp += (same && j != r.self_j) ? 1 : 0;
-    cn += same ? 0 : 1;
-  }
-  n_pos = cp;
-  n_neg = cn;
-}
-
 // ---------------------------------------------------------------- two-set losses
 
 template <typename T, typename L, typename Logits, typename Combine>
-SLF_HD void twoset_forward(const Row<T, L>& r, T* buf, const Logits& lg, const Combine& combine, bool row_counted,
+SLF_HD void twoset_forward(const Row<T, L> r, T* buf, const Logits& lg, const Combine& combine, bool row_counted,
                            bool want_grad) {
+  // Locals, not the struct's fields: stores through the row pointers could alias the fields
+  // as far as the compiler knows, which keeps it from vectorizing the loops.
+  T* const s = r.s;
+  const int64_t M = r.M;
+  const L* const lab = r.lab;
+  const L li = r.li;
+  const int64_t self_j = r.self_j;
   T max_p = neg_inf<T>(), max_n = neg_inf<T>();
   int64_t cnt_p = 0, cnt_n = 0;
 #pragma omp simd reduction(max : max_p, max_n) reduction(+ : cnt_p, cnt_n)
-  for (int64_t j = 0; j < r.M; ++j) {
-    const T sj = r.s[j];
-    const bool same = r.lab[j] == r.li;
-    const bool pos = same && j != r.self_j;
+  for (int64_t j = 0; j < M; ++j) {
+    const T sj = s[j];
+    const bool same = lab[j] == li;
+    const bool pos = same && j != self_j;
     const T a = same ? lg.pos(sj) : lg.neg(sj);
     buf[j] = a;
     // Masked maxima in the canonical `m = m > v ? m : v` form: GCC 12 miscompiles the
@@ -85,9 +79,9 @@ SLF_HD void twoset_forward(const Row<T, L>& r, T* buf, const Logits& lg, const C
   // A NaN logit makes the maximum NaN, and so the sums below and the loss.
   T sum_p = T(0), sum_n = T(0);
 #pragma omp simd reduction(+ : sum_p, sum_n)
-  for (int64_t j = 0; j < r.M; ++j) {
-    const bool same = r.lab[j] == r.li;
-    const bool pos = same && j != r.self_j;
+  for (int64_t j = 0; j < M; ++j) {
+    const bool same = lab[j] == li;
+    const bool pos = same && j != self_j;
     const T e = exp_fast(buf[j] - (same ? max_p : max_n));
     buf[j] = e;
     sum_p += pos ? e : T(0);
@@ -106,39 +100,46 @@ SLF_HD void twoset_forward(const Row<T, L>& r, T* buf, const Logits& lg, const C
   st[kNumNeg] = static_cast<T>(cnt_n);
   if (!want_grad) return;
   if (!counts) {
-    std::fill(r.s, r.s + r.M, T(0));
+    std::fill(s, s + M, T(0));
     return;
   }
   const T c_p = cnt_p > 0 ? res.dlse_pos / sum_p : T(0);
   const T c_n = cnt_n > 0 ? res.dlse_neg / sum_n : T(0);
 #pragma omp simd
-  for (int64_t j = 0; j < r.M; ++j) {
-    const T sj = r.s[j];
-    const bool same = r.lab[j] == r.li;
-    const bool pos = same && j != r.self_j;
+  for (int64_t j = 0; j < M; ++j) {
+    const T sj = s[j];
+    const bool same = lab[j] == li;
+    const bool pos = same && j != self_j;
     const T coef = same ? c_p * lg.pos_grad(sj) : c_n * lg.neg_grad(sj);
-    r.s[j] = (same && !pos) ? T(0) : coef * buf[j];
+    s[j] = (same && !pos) ? T(0) : coef * buf[j];
   }
 }
 
 template <typename T, typename L, typename Logits, typename Combine>
-SLF_HD void twoset_backward(const Row<T, L>& r, const Logits& lg, const Combine& combine, bool row_counted, T w) {
+SLF_HD void twoset_backward(const Row<T, L> r, const Logits& lg, const Combine& combine, bool row_counted, T w) {
+  // Locals, not the struct's fields: stores through the row pointers could alias the fields
+  // as far as the compiler knows, which keeps it from vectorizing the loops.
+  T* const s = r.s;
+  const int64_t M = r.M;
+  const L* const lab = r.lab;
+  const L li = r.li;
+  const int64_t self_j = r.self_j;
   const T* st = r.stats;
   const T lse_p = st[kAux0], lse_n = st[kAux1];
   if (w == T(0) || (row_counted && st[kCount0] == T(0))) {
-    std::fill(r.s, r.s + r.M, T(0));
+    std::fill(s, s + M, T(0));
     return;
   }
   const TwoSetResult<T> res = combine(lse_p, lse_n, st[kNumPos] > 0, st[kNumNeg] > 0);
   const T c_p = w * res.dlse_pos, c_n = w * res.dlse_neg;
 #pragma omp simd
-  for (int64_t j = 0; j < r.M; ++j) {
-    const T sj = r.s[j];
-    const bool same = r.lab[j] == r.li;
-    const bool pos = same && j != r.self_j;
+  for (int64_t j = 0; j < M; ++j) {
+    const T sj = s[j];
+    const bool same = lab[j] == li;
+    const bool pos = same && j != self_j;
     const T a = same ? lg.pos(sj) - lse_p : lg.neg(sj) - lse_n;
     const T da = same ? c_p * lg.pos_grad(sj) : c_n * lg.neg_grad(sj);
-    r.s[j] = (same && !pos) ? T(0) : da * exp_fast(a);
+    s[j] = (same && !pos) ? T(0) : da * exp_fast(a);
   }
 }
 
@@ -146,14 +147,21 @@ SLF_HD void twoset_backward(const Row<T, L>& r, const Logits& lg, const Combine&
 
 // l = LSE_{P u N} a - mean_P a, a = s / t; 0 without positives.
 template <typename T, typename L>
-SLF_HD void supcon_forward(const Row<T, L>& r, T* buf, T inv_t, bool want_grad) {
+SLF_HD void supcon_forward(const Row<T, L> r, T* buf, T inv_t, bool want_grad) {
+  // Locals, not the struct's fields: stores through the row pointers could alias the fields
+  // as far as the compiler knows, which keeps it from vectorizing the loops.
+  T* const s = r.s;
+  const int64_t M = r.M;
+  const L* const lab = r.lab;
+  const L li = r.li;
+  const int64_t self_j = r.self_j;
   T mx = neg_inf<T>(), sum_pa = T(0);
   int64_t cnt_p = 0, cnt_n = 0;
 #pragma omp simd reduction(max : mx) reduction(+ : sum_pa, cnt_p, cnt_n)
-  for (int64_t j = 0; j < r.M; ++j) {
-    const T a = r.s[j] * inv_t;
-    const bool same = r.lab[j] == r.li;
-    const bool pos = same && j != r.self_j;
+  for (int64_t j = 0; j < M; ++j) {
+    const T a = s[j] * inv_t;
+    const bool same = lab[j] == li;
+    const bool pos = same && j != self_j;
     const bool in_set = pos || !same;
     const T v = in_set ? a : neg_inf<T>();
     mx = mx > v ? mx : v;  // canonical max form, see twoset_forward
@@ -163,10 +171,10 @@ SLF_HD void supcon_forward(const Row<T, L>& r, T* buf, T inv_t, bool want_grad) 
   }
   T sum = T(0);
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < r.M; ++j) {
-    const bool same = r.lab[j] == r.li;
-    const bool in_set = !same || j != r.self_j;
-    const T e = exp_fast(r.s[j] * inv_t - mx);
+  for (int64_t j = 0; j < M; ++j) {
+    const bool same = lab[j] == li;
+    const bool in_set = !same || j != self_j;
+    const T e = exp_fast(s[j] * inv_t - mx);
     buf[j] = in_set ? e : T(0);
     sum += in_set ? e : T(0);
   }
@@ -184,34 +192,41 @@ SLF_HD void supcon_forward(const Row<T, L>& r, T* buf, T inv_t, bool want_grad) 
   st[kNumNeg] = static_cast<T>(cnt_n);
   if (!want_grad) return;
   if (!counts) {
-    std::fill(r.s, r.s + r.M, T(0));
+    std::fill(s, s + M, T(0));
     return;
   }
   const T c_set = inv_t / sum, c_pos = inv_t / static_cast<T>(cnt_p);
 #pragma omp simd
-  for (int64_t j = 0; j < r.M; ++j) {
-    const bool same = r.lab[j] == r.li;
-    const bool pos = same && j != r.self_j;
-    r.s[j] = c_set * buf[j] - (pos ? c_pos : T(0));
+  for (int64_t j = 0; j < M; ++j) {
+    const bool same = lab[j] == li;
+    const bool pos = same && j != self_j;
+    s[j] = c_set * buf[j] - (pos ? c_pos : T(0));
   }
 }
 
 template <typename T, typename L>
-SLF_HD void supcon_backward(const Row<T, L>& r, T inv_t, T w) {
+SLF_HD void supcon_backward(const Row<T, L> r, T inv_t, T w) {
+  // Locals, not the struct's fields: stores through the row pointers could alias the fields
+  // as far as the compiler knows, which keeps it from vectorizing the loops.
+  T* const s = r.s;
+  const int64_t M = r.M;
+  const L* const lab = r.lab;
+  const L li = r.li;
+  const int64_t self_j = r.self_j;
   const T* st = r.stats;
   if (w == T(0) || st[kCount0] == T(0)) {
-    std::fill(r.s, r.s + r.M, T(0));
+    std::fill(s, s + M, T(0));
     return;
   }
   const T lse = st[kAux0];
   const T c_set = w * inv_t, c_pos = w * inv_t / st[kNumPos];
 #pragma omp simd
-  for (int64_t j = 0; j < r.M; ++j) {
-    const bool same = r.lab[j] == r.li;
-    const bool pos = same && j != r.self_j;
+  for (int64_t j = 0; j < M; ++j) {
+    const bool same = lab[j] == li;
+    const bool pos = same && j != self_j;
     const bool in_set = pos || !same;
-    const T g = c_set * exp_fast(r.s[j] * inv_t - lse) - (pos ? c_pos : T(0));
-    r.s[j] = in_set ? g : T(0);
+    const T g = c_set * exp_fast(s[j] * inv_t - lse) - (pos ? c_pos : T(0));
+    s[j] = in_set ? g : T(0);
   }
 }
 
@@ -219,32 +234,39 @@ SLF_HD void supcon_backward(const Row<T, L>& r, T inv_t, T w) {
 
 // l = sum_{p in P} softplus(LSE_N a - a_p), a = s / t.
 template <typename T, typename L>
-SLF_HD void ntxent_forward(const Row<T, L>& r, T* buf, T inv_t, bool want_grad) {
+SLF_HD void ntxent_forward(const Row<T, L> r, T* buf, T inv_t, bool want_grad) {
+  // Locals, not the struct's fields: stores through the row pointers could alias the fields
+  // as far as the compiler knows, which keeps it from vectorizing the loops.
+  T* const s = r.s;
+  const int64_t M = r.M;
+  const L* const lab = r.lab;
+  const L li = r.li;
+  const int64_t self_j = r.self_j;
   T max_n = neg_inf<T>();
   int64_t cnt_p = 0, cnt_n = 0;
 #pragma omp simd reduction(max : max_n) reduction(+ : cnt_p, cnt_n)
-  for (int64_t j = 0; j < r.M; ++j) {
-    const T a = r.s[j] * inv_t;
-    const bool same = r.lab[j] == r.li;
+  for (int64_t j = 0; j < M; ++j) {
+    const T a = s[j] * inv_t;
+    const bool same = lab[j] == li;
     const T v = same ? neg_inf<T>() : a;
     max_n = max_n > v ? max_n : v;  // canonical max form, see twoset_forward
-    cnt_p += (same && j != r.self_j) ? 1 : 0;
+    cnt_p += (same && j != self_j) ? 1 : 0;
     cnt_n += same ? 0 : 1;
   }
   T sum_n = T(0);
 #pragma omp simd reduction(+ : sum_n)
-  for (int64_t j = 0; j < r.M; ++j) {
-    const bool same = r.lab[j] == r.li;
-    const T e = exp_fast(r.s[j] * inv_t - max_n);
+  for (int64_t j = 0; j < M; ++j) {
+    const bool same = lab[j] == li;
+    const T e = exp_fast(s[j] * inv_t - max_n);
     buf[j] = same ? T(0) : e;
     sum_n += same ? T(0) : e;
   }
   const T lse_n = cnt_n > 0 ? max_n + log_(sum_n) : neg_inf<T>();
   // Positives are few: a plain loop.
   T loss = T(0), c = T(0);
-  for (int64_t j = 0; j < r.M; ++j) {
-    if (r.lab[j] == r.li && j != r.self_j) {
-      const T z = lse_n - r.s[j] * inv_t;
+  for (int64_t j = 0; j < M; ++j) {
+    if (lab[j] == li && j != self_j) {
+      const T z = lse_n - s[j] * inv_t;
       loss += softplus_exact(z);
       c += sigmoid(z);
     }
@@ -259,28 +281,35 @@ SLF_HD void ntxent_forward(const Row<T, L>& r, T* buf, T inv_t, bool want_grad) 
   if (!want_grad) return;
   const T c_n = cnt_n > 0 ? c * inv_t / sum_n : T(0);
 #pragma omp simd
-  for (int64_t j = 0; j < r.M; ++j) {
-    const bool same = r.lab[j] == r.li;
-    const T sig = T(1) / (T(1) + exp_fast(r.s[j] * inv_t - lse_n));  // sigmoid(lse_n - a_j)
-    const T g_pos = j != r.self_j ? -inv_t * sig : T(0);
-    r.s[j] = same ? g_pos : c_n * buf[j];
+  for (int64_t j = 0; j < M; ++j) {
+    const bool same = lab[j] == li;
+    const T sig = T(1) / (T(1) + exp_fast(s[j] * inv_t - lse_n));  // sigmoid(lse_n - a_j)
+    const T g_pos = j != self_j ? -inv_t * sig : T(0);
+    s[j] = same ? g_pos : c_n * buf[j];
   }
 }
 
 template <typename T, typename L>
-SLF_HD void ntxent_backward(const Row<T, L>& r, T inv_t, T w) {
+SLF_HD void ntxent_backward(const Row<T, L> r, T inv_t, T w) {
+  // Locals, not the struct's fields: stores through the row pointers could alias the fields
+  // as far as the compiler knows, which keeps it from vectorizing the loops.
+  T* const s = r.s;
+  const int64_t M = r.M;
+  const L* const lab = r.lab;
+  const L li = r.li;
+  const int64_t self_j = r.self_j;
   const T* st = r.stats;
   if (w == T(0)) {
-    std::fill(r.s, r.s + r.M, T(0));
+    std::fill(s, s + M, T(0));
     return;
   }
   const T lse_n = st[kAux0], c_n = w * st[kAux1] * inv_t;
 #pragma omp simd
-  for (int64_t j = 0; j < r.M; ++j) {
-    const bool same = r.lab[j] == r.li;
-    const T e = exp_fast(r.s[j] * inv_t - lse_n);  // exp(a_j - lse_n)
-    const T g_pos = j != r.self_j ? -w * inv_t / (T(1) + e) : T(0);
-    r.s[j] = same ? g_pos : c_n * e;
+  for (int64_t j = 0; j < M; ++j) {
+    const bool same = lab[j] == li;
+    const T e = exp_fast(s[j] * inv_t - lse_n);  // exp(a_j - lse_n)
+    const T g_pos = j != self_j ? -w * inv_t / (T(1) + e) : T(0);
+    s[j] = same ? g_pos : c_n * e;
   }
 }
 
@@ -288,14 +317,21 @@ SLF_HD void ntxent_backward(const Row<T, L>& r, T inv_t, T w) {
 
 // Terms: sum_P relu(d - pos_margin) and sum_N relu(neg_margin - d), d = ||x^ - r^||.
 template <typename T, typename L>
-SLF_HD void contrastive_forward(const Row<T, L>& r, T pos_margin, T neg_margin) {
+SLF_HD void contrastive_forward(const Row<T, L> r, T pos_margin, T neg_margin) {
+  // Locals, not the struct's fields: stores through the row pointers could alias the fields
+  // as far as the compiler knows, which keeps it from vectorizing the loops.
+  T* const s = r.s;
+  const int64_t M = r.M;
+  const L* const lab = r.lab;
+  const L li = r.li;
+  const int64_t self_j = r.self_j;
   T sum_p = T(0), sum_n = T(0), nz_p = T(0), nz_n = T(0);
   int64_t cnt_p = 0, cnt_n = 0;
 #pragma omp simd reduction(+ : sum_p, sum_n, nz_p, nz_n, cnt_p, cnt_n)
-  for (int64_t j = 0; j < r.M; ++j) {
-    const T d = unit_distance(r.s[j]);
-    const bool same = r.lab[j] == r.li;
-    const bool pos = same && j != r.self_j;
+  for (int64_t j = 0; j < M; ++j) {
+    const T d = unit_distance(s[j]);
+    const bool same = lab[j] == li;
+    const bool pos = same && j != self_j;
     const T lp = relu(d - pos_margin), ln = relu(neg_margin - d);
     sum_p += pos ? lp : T(0);
     sum_n += same ? T(0) : ln;
@@ -314,16 +350,23 @@ SLF_HD void contrastive_forward(const Row<T, L>& r, T pos_margin, T neg_margin) 
 }
 
 template <typename T, typename L>
-SLF_HD void contrastive_backward(const Row<T, L>& r, T pos_margin, T neg_margin, T w_pos, T w_neg) {
+SLF_HD void contrastive_backward(const Row<T, L> r, T pos_margin, T neg_margin, T w_pos, T w_neg) {
+  // Locals, not the struct's fields: stores through the row pointers could alias the fields
+  // as far as the compiler knows, which keeps it from vectorizing the loops.
+  T* const s = r.s;
+  const int64_t M = r.M;
+  const L* const lab = r.lab;
+  const L li = r.li;
+  const int64_t self_j = r.self_j;
 #pragma omp simd
-  for (int64_t j = 0; j < r.M; ++j) {
-    const T d = unit_distance(r.s[j]);
-    const bool same = r.lab[j] == r.li;
-    const bool pos = same && j != r.self_j;
+  for (int64_t j = 0; j < M; ++j) {
+    const T d = unit_distance(s[j]);
+    const bool same = lab[j] == li;
+    const bool pos = same && j != self_j;
     const T dd = unit_distance_grad(d);
     const T g_pos = w_pos * relu_grad(d - pos_margin) * dd;
     const T g_neg = -w_neg * relu_grad(neg_margin - d) * dd;
-    r.s[j] = same ? (pos ? g_pos : T(0)) : g_neg;
+    s[j] = same ? (pos ? g_pos : T(0)) : g_neg;
   }
 }
 
@@ -334,20 +377,27 @@ SLF_HD void contrastive_backward(const Row<T, L>& r, T pos_margin, T neg_margin,
 // With few positives every positive sweeps the negatives (vectorized); with many, both sets
 // are sorted and counted by binary search (O(M log M)).
 template <typename T, typename L>
-void triplet_all_row(const Row<T, L>& r, Scratch<T>& sc, T margin, bool want_stats, bool want_grad, T w) {
-  sc.ensure_triplet(r.M);
+void triplet_all_row(const Row<T, L> r, Scratch<T>& sc, T margin, bool want_stats, bool want_grad, T w) {
+  // Locals, not the struct's fields: stores through the row pointers could alias the fields
+  // as far as the compiler knows, which keeps it from vectorizing the loops.
+  T* const s = r.s;
+  const int64_t M = r.M;
+  const L* const lab = r.lab;
+  const L li = r.li;
+  const int64_t self_j = r.self_j;
+  sc.ensure_triplet(M);
   T* dp = sc.a.data();
   T* dn = sc.b.data();
   int64_t* ip = sc.ia.data();
   int64_t* in = sc.ib.data();
   int64_t np = 0, nn = 0;
   bool has_nan = false;
-  for (int64_t j = 0; j < r.M; ++j) {
-    const bool same = r.lab[j] == r.li;
-    const T d = unit_distance(r.s[j]);
-    has_nan |= d != d && (!same || j != r.self_j);
+  for (int64_t j = 0; j < M; ++j) {
+    const bool same = lab[j] == li;
+    const T d = unit_distance(s[j]);
+    has_nan |= d != d && (!same || j != self_j);
     if (same) {
-      if (j != r.self_j) {
+      if (j != self_j) {
         dp[np] = d;
         ip[np++] = j;
       }
@@ -413,10 +463,10 @@ void triplet_all_row(const Row<T, L>& r, Scratch<T>& sc, T margin, bool want_sta
   }
   if (!want_grad) return;
   const T fill = has_nan ? std::numeric_limits<T>::quiet_NaN() : T(0);
-  std::fill(r.s, r.s + r.M, T(0));
+  std::fill(s, s + M, T(0));
   if (w == T(0) || np == 0 || nn == 0) return;
-  for (int64_t p = 0; p < np; ++p) r.s[ip[p]] = has_nan ? fill : w * kp[p] * unit_distance_grad(dp[p]);
-  for (int64_t n = 0; n < nn; ++n) r.s[in[n]] = has_nan ? fill : -w * cntn[n] * unit_distance_grad(dn[n]);
+  for (int64_t p = 0; p < np; ++p) s[ip[p]] = has_nan ? fill : w * kp[p] * unit_distance_grad(dp[p]);
+  for (int64_t n = 0; n < nn; ++n) s[in[n]] = has_nan ? fill : -w * cntn[n] * unit_distance_grad(dn[n]);
 }
 
 // ---------------------------------------------------------------- triplet, batch hard
@@ -424,15 +474,22 @@ void triplet_all_row(const Row<T, L>& r, Scratch<T>& sc, T margin, bool want_sta
 // Hardest positive (largest d, first on ties) and hardest negative (smallest d, first on
 // ties): relu(d_p* - d_n* + margin) for anchors that have both.
 template <typename T, typename L>
-SLF_HD void triplet_hard_row(const Row<T, L>& r, T* buf, T margin, bool want_stats, bool want_grad, T w) {
+SLF_HD void triplet_hard_row(const Row<T, L> r, T* buf, T margin, bool want_stats, bool want_grad, T w) {
+  // Locals, not the struct's fields: stores through the row pointers could alias the fields
+  // as far as the compiler knows, which keeps it from vectorizing the loops.
+  T* const s = r.s;
+  const int64_t M = r.M;
+  const L* const lab = r.lab;
+  const L li = r.li;
+  const int64_t self_j = r.self_j;
   const T inf = static_cast<T>(INFINITY);
   T best_p = -inf, best_n = inf;
   int64_t np = 0, nn = 0, n_nan = 0;
 #pragma omp simd reduction(max : best_p) reduction(min : best_n) reduction(+ : np, nn, n_nan)
-  for (int64_t j = 0; j < r.M; ++j) {
-    const bool same = r.lab[j] == r.li;
-    const bool pos = same && j != r.self_j;
-    const T d = unit_distance(r.s[j]);
+  for (int64_t j = 0; j < M; ++j) {
+    const bool same = lab[j] == li;
+    const bool pos = same && j != self_j;
+    const T d = unit_distance(s[j]);
     buf[j] = d;
     const T vp = pos ? d : -inf;
     const T vn = same ? inf : d;
@@ -444,9 +501,9 @@ SLF_HD void triplet_hard_row(const Row<T, L>& r, T* buf, T margin, bool want_sta
   }
   // The first positive at the maximum and the first negative at the minimum.
   int64_t jp = -1, jn = -1;
-  for (int64_t j = 0; j < r.M && (jp < 0 || jn < 0); ++j) {
-    const bool same = r.lab[j] == r.li;
-    if (jp < 0 && same && j != r.self_j && buf[j] == best_p) jp = j;
+  for (int64_t j = 0; j < M && (jp < 0 || jn < 0); ++j) {
+    const bool same = lab[j] == li;
+    if (jp < 0 && same && j != self_j && buf[j] == best_p) jp = j;
     if (jn < 0 && !same && buf[j] == best_n) jn = j;
   }
   const bool valid = np > 0 && nn > 0;
@@ -463,15 +520,15 @@ SLF_HD void triplet_hard_row(const Row<T, L>& r, T* buf, T margin, bool want_sta
     st[kNumNeg] = static_cast<T>(nn);
   }
   if (!want_grad) return;
-  std::fill(r.s, r.s + r.M, T(0));
+  std::fill(s, s + M, T(0));
   if (!counts || w == T(0)) return;
   if (n_nan > 0) {  // a NaN distance: the extremes are undefined, the gradient is NaN
-    std::fill(r.s, r.s + r.M, std::numeric_limits<T>::quiet_NaN());
+    std::fill(s, s + M, std::numeric_limits<T>::quiet_NaN());
     return;
   }
   const T g = w * relu_grad(loss);
-  r.s[jp] = g * unit_distance_grad(best_p);
-  r.s[jn] = -g * unit_distance_grad(best_n);
+  s[jp] = g * unit_distance_grad(best_p);
+  s[jn] = -g * unit_distance_grad(best_n);
 }
 
 // ---------------------------------------------------------------- dispatch over rows

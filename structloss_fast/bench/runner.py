@@ -42,10 +42,10 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "device": device,
     }
-    try:
-        import triton
+    try:  # the version without importing triton (the runner forks its measurements)
+        import importlib.metadata
 
-        info["triton"] = triton.__version__
+        info["triton"] = importlib.metadata.version("triton")
     except Exception:
         info["triton"] = None
     if device == "cuda" and torch.cuda.is_available():
@@ -59,7 +59,57 @@ def machine_label(info: dict) -> str:
     return f"{info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB, torch {info['torch']}"
 
 
+def run_forked(case: Case, provider: str, size: dict, device: str, args) -> dict:
+    """The measurement in a child forked from this process, which has imported torch and the
+    package but run nothing (no thread pool, no allocator state): a fresh process without the
+    seconds of interpreter start-up and imports."""
+    import select
+    import signal
+
+    from . import worker
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(rfd)
+        code = 0
+        try:
+            res = worker.run_measurement(case.key, provider, size, device, args.min_time, 30, 8.0, args.mem_limit_gb)
+            data = json.dumps(res).encode()
+            while data:
+                data = data[os.write(wfd, data):]
+        except BaseException:  # noqa: BLE001 - the child must never return into the runner
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    chunks, deadline = [], time.monotonic() + args.timeout
+    timed_out = False
+    with os.fdopen(rfd, "rb") as pipe:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                os.kill(pid, signal.SIGKILL)
+                break
+            ready, _, _ = select.select([pipe], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(pipe.fileno(), 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    if timed_out:
+        return {"status": f"timed out after {args.timeout:g} s"}
+    if not chunks:
+        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        return {"status": "killed (out of memory?)" if killed else f"failed: child exit status {status}"}
+    return json.loads(b"".join(chunks))
+
+
 def run_one(case: Case, provider: str, size: dict, device: str, args) -> dict:
+    if args.isolation == "fork" and device == "cpu" and hasattr(os, "fork"):
+        return run_forked(case, provider, size, device, args)
     cmd = [
         sys.executable, "-m", "structloss_fast.bench.worker",
         "--case", case.key, "--provider", provider, "--size", json.dumps(size), "--device", device,
@@ -185,7 +235,10 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="the target sizes of the issues (slow: minutes per case)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", default=None, help="results directory (default bench/results/local/<time>)")
-    ap.add_argument("--min-time", type=float, default=1.0, help="seconds of repeats per measurement")
+    ap.add_argument("--min-time", type=float, default=0.5, help="seconds of repeats per measurement")
+    ap.add_argument("--isolation", choices=("fork", "spawn"), default="fork",
+                    help="each measurement in a child forked from the runner (CPU; no start-up cost) or in a "
+                         "new interpreter (always for CUDA)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds before a measurement is abandoned")
     ap.add_argument("--mem-limit-gb", type=float, default=20.0, help="data-segment cap per CPU measurement")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -205,6 +258,14 @@ def main(argv=None) -> int:
         return 2
 
     info = machine_info(args.device)
+    if args.isolation == "fork":
+        # Imported once here, inherited by every forked measurement.
+        import structloss_fast  # noqa: F401
+
+        try:
+            import pytorch_metric_learning.losses  # noqa: F401
+        except ImportError:
+            pass
     print(f"structloss_fast bench on {machine_label(info)}; device={args.device}; "
           f"{'full' if args.full else 'default'} sizes", flush=True)
     rows = []

@@ -88,6 +88,25 @@ def measure(case_key, provider, size, device, min_time, max_repeats, slow_s):
     }
 
 
+def run_measurement(case, provider, size, device, min_time=1.0, max_repeats=30, slow=8.0, mem_limit_gb=0.0) -> dict:
+    """One measurement in this (fresh) process, errors reported in the result's status."""
+    if mem_limit_gb > 0 and device == "cpu":
+        limit = int(mem_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    try:
+        return measure(case, provider, size, device, min_time, max_repeats, slow)
+    except (MemoryError, RuntimeError) as exc:
+        text = str(exc)
+        oom = isinstance(exc, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text.lower()
+        if oom:
+            return {"status": "out of memory" + (f" (limit {mem_limit_gb:g} GB)" if mem_limit_gb else "")}
+        traceback.print_exc()
+        return {"status": f"failed: {type(exc).__name__}: {text.splitlines()[0] if text else ''}"}
+    except Exception as exc:  # report, don't crash the suite
+        traceback.print_exc()
+        return {"status": f"failed: {type(exc).__name__}: {exc}"}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", required=True)
@@ -99,23 +118,8 @@ def main(argv=None):
     ap.add_argument("--slow", type=float, default=8.0, help="a first call this slow is the only sample")
     ap.add_argument("--mem-limit-gb", type=float, default=0.0, help="cap on the process's data segment (CPU)")
     args = ap.parse_args(argv)
-    if args.mem_limit_gb > 0 and args.device == "cpu":
-        limit = int(args.mem_limit_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-    try:
-        result = measure(args.case, args.provider, json.loads(args.size), args.device, args.min_time,
-                         args.max_repeats, args.slow)
-    except (MemoryError, RuntimeError) as exc:
-        text = str(exc)
-        oom = isinstance(exc, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text.lower()
-        if oom:
-            result = {"status": "out of memory" + (f" (limit {args.mem_limit_gb:g} GB)" if args.mem_limit_gb else "")}
-        else:
-            traceback.print_exc()
-            result = {"status": f"failed: {type(exc).__name__}: {text.splitlines()[0] if text else ''}"}
-    except Exception as exc:  # report, don't crash the suite
-        traceback.print_exc()
-        result = {"status": f"failed: {type(exc).__name__}: {exc}"}
+    result = run_measurement(args.case, args.provider, json.loads(args.size), args.device, args.min_time,
+                             args.max_repeats, args.slow, args.mem_limit_gb)
     sys.stdout.flush()
     print(json.dumps(result))
     return 0
