@@ -18,7 +18,9 @@ torch.ops.load_library(sys.argv[1])
 assert "structloss_fast" not in sys.modules
 x = torch.nn.functional.normalize(torch.randn(16, 8, dtype=torch.float64), dim=1)
 y = torch.randint(0, 4, (16,))
-loss, stats, gx, _ = torch.ops.structloss_fast.pairwise_loss(x, y, x, y, True, 0, [0.4, 80.0], 1, True)
+loss, stats, gx, _ = torch.ops.structloss_fast.pairwise_loss(
+    x, y, x, y, 0, True, 0, [0.4, 80.0], 1, 1  # self_offset, ref_is_x, circle, (m, gamma), mean, grad of x
+)
 # Dense Circle loss, written out here to check the library independently of the package.
 s = x @ x.T
 pos = (y[:, None] == y[None, :]) & ~torch.eye(16, dtype=torch.bool)

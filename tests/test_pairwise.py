@@ -714,8 +714,15 @@ def _check_problem(problem, backend, device):
     out, grads = run(loss, backend, device, x, y, rx, ry, params=params, **kw)
     exp, exp_grads = run_reference(loss, x, y, rx, ry, params=params, **kw)
     assert_tight(out, exp, rtol=1e-9, atol=1e-10, what="loss")
-    for a, b in zip(grads, exp_grads):
-        assert_tight(a, b, rtol=1e-8, atol=1e-10, what="grad")
+    # The gradient of a row is its gradient on the unit sphere projected and divided by the row's
+    # norm, so rounding in the (unprojected, loss-sized) sphere gradient is amplified by 1/|x_i|:
+    # random rows of tiny norm (D = 1, |x_i| ~ 1e-5) get a per-row absolute tolerance to match.
+    sphere_scale = 1.0 + exp.abs().sum().item()
+    for a, b, t in zip(grads, exp_grads, [x] + ([rx] if with_refs else [])):
+        row_atol = 1e-10 + 1e-13 * sphere_scale / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        scale = b.abs().max().item() if b.numel() else 0.0
+        bad = (a - b).abs() > row_atol + 1e-8 * scale
+        assert not bad.any(), f"grad: error {(a - b).abs().max():.3e} (scale {scale:.3e}) at rows {bad.any(1).nonzero().flatten().tolist()}"
 
 
 @settings(max_examples=200, deadline=None)
