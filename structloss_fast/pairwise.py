@@ -120,7 +120,10 @@ def _run(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, re
     x, lab, ref, ref_lab, self_offset, ref_is_x = prepare(embeddings, labels, ref_embeddings, ref_labels,
                                                           ref_self_index, chosen)
     grad_mode = _ops.GRAD_NONE
-    if reduction != "none" and _ops.TERMS[loss_id] == 1 and torch.is_grad_enabled():
+    # The gradient comes with the forward for mean/sum of one-term losses; contrastive's two
+    # terms too on CPU (its strips are split by sign there; on GPU, recomputing is cheaper).
+    fused = _ops.TERMS[loss_id] == 1 or (chosen == "cpu" and loss_id == _ops.LOSS_IDS["contrastive"])
+    if reduction != "none" and fused and torch.is_grad_enabled():
         if embeddings.requires_grad:
             grad_mode = _ops.GRAD_X
         if ref_embeddings is not None and ref_embeddings.requires_grad:

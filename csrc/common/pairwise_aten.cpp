@@ -206,7 +206,11 @@ void aten_forward(Tensor& S, int64_t row0, const Tensor& labels, const Tensor& r
       write_stats(st, Tensor(), Tensor(), lp.sum(1), (counts_nonzero(lp) * m.pos).sum(1), m);
       st.select(1, kSum1).copy_(ln.sum(1));
       st.select(1, kCount1).copy_((counts_nonzero(ln) * m.neg).sum(1));
-      TORCH_CHECK(!want_grad, "structloss_fast: contrastive loss computes gradients in backward");
+      if (want_grad) {  // unit weights; the driver splits the terms by sign (term 0 <= 0 <= term 1)
+        const Tensor dd = unit_distance_grad(d);
+        G = at::where(m.pos, relu_grad(d - spec.p[0]) * dd,
+                      at::where(m.neg, -relu_grad(spec.p[1] - d) * dd, at::zeros_like(d)));
+      }
       break;
     }
     case kTripletAll: {

@@ -1,7 +1,12 @@
 #include "pairwise_driver.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
+#include <vector>
 
 #include "pairwise_math.h"
 
@@ -43,10 +48,159 @@ int64_t strip_rows(int64_t B, int64_t M, int64_t strip_elems) {
   return std::min(t, B);
 }
 
+// A strip whose gradient has at most one non-zero in kSparseRatio entries is accumulated from
+// its non-zeros instead of by two GEMMs (CPU only). Batch-hard triplets have two non-zeros per
+// row, contrastive losses their positives and the few negatives inside the margin, mined
+// losses their mined pairs: there the GEMMs would multiply zeros. The ratio is the speed of a
+// GEMM over that of the row updates (about 30x on AVX2), halved for safety.
+constexpr int64_t kSparseRatio = 64;
+
+// STRUCTLOSS_FAST_PAIRWISE_SPARSE: unset = by density, "0" = never, "1" = always (the tests
+// run both accumulations on every loss). Read per call: getenv is cheap next to a strip.
+int sparse_override() {
+  const char* v = std::getenv("STRUCTLOSS_FAST_PAIRWISE_SPARSE");
+  if (v == nullptr || *v == '\0') return -1;
+  return *v == '0' ? 0 : 1;
+}
+
+// Where the gradient goes: rows[k] += G_k @ ref and to[k] += G_k^T @ x_rows (to[k] may be null).
+// With split (two-term losses), G_0 = min(G, 0) and G_1 = max(G, 0) (NaN in both); otherwise
+// only k = 0, G_0 = G.
+struct GradTargets {
+  at::Tensor rows[2];
+  at::Tensor* to[2];
+  bool split;
+};
+
+// Accumulates the gradient from the non-zeros of G (t x M, contiguous); false, with nothing
+// done, when G is too dense. Deterministic: every output row is summed by one thread in a fixed
+// order.
+template <typename scalar_t>
+bool accumulate_sparse(const at::Tensor& G, const at::Tensor& x_rows, const at::Tensor& ref, GradTargets& out_to) {
+  const int forced = sparse_override();
+  if (forced == 0) return false;
+  const int64_t t = G.size(0), M = G.size(1), D = ref.size(1);
+  const scalar_t* g = G.data_ptr<scalar_t>();
+  std::vector<int64_t> row_nnz(t + 1, 0);
+  at::parallel_for(0, t, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const scalar_t* gi = g + i * M;
+      int64_t n = 0;
+      for (int64_t j = 0; j < M; ++j) n += gi[j] != scalar_t(0);  // NaN counts: it must propagate
+      row_nnz[i + 1] = n;
+    }
+  });
+  for (int64_t i = 0; i < t; ++i) row_nnz[i + 1] += row_nnz[i];
+  const int64_t nnz = row_nnz[t];
+  if (forced < 0 && nnz * kSparseRatio > t * M) return false;
+
+  std::vector<int64_t> cols(nnz);
+  std::vector<scalar_t> vals(nnz);
+  const bool split = out_to.split;
+  // Term 0 takes v < 0, term 1 v > 0, both take NaN (split); without split term 0 takes all.
+  auto takes = [split](int k, scalar_t v) { return !split || (k == 0 ? !(v > scalar_t(0)) : !(v < scalar_t(0))); };
+  const int n_out = split ? 2 : 1;
+  const scalar_t* rf = ref.data_ptr<scalar_t>();
+  const scalar_t* xr = x_rows.data_ptr<scalar_t>();
+  at::parallel_for(0, t, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const scalar_t* gi = g + i * M;
+      int64_t k = row_nnz[i];
+      for (int64_t j = 0; j < M; ++j) {
+        const scalar_t v = gi[j];
+        if (v == scalar_t(0)) continue;
+        cols[k] = j;
+        vals[k] = v;
+        ++k;
+        const scalar_t* rj = rf + j * D;
+        for (int o = 0; o < n_out; ++o) {
+          if (!takes(o, v)) continue;
+          scalar_t* out = out_to.rows[o].data_ptr<scalar_t>() + i * out_to.rows[o].stride(0);
+          for (int64_t d = 0; d < D; ++d) out[d] += v * rj[d];
+        }
+      }
+    }
+  });
+  if (out_to.to[0] == nullptr) return true;
+
+  // Transpose to columns (counting sort keeps the row order inside each column).
+  std::vector<int64_t> col_ptr(M + 1, 0);
+  for (int64_t k = 0; k < nnz; ++k) ++col_ptr[cols[k] + 1];
+  std::vector<int64_t> active;
+  for (int64_t j = 0; j < M; ++j) {
+    if (col_ptr[j + 1] > 0) active.push_back(j);
+    col_ptr[j + 1] += col_ptr[j];
+  }
+  std::vector<int64_t> fill(col_ptr.begin(), col_ptr.end() - 1), rows_of(nnz);
+  std::vector<scalar_t> vals_t(nnz);
+  for (int64_t i = 0; i < t; ++i) {
+    for (int64_t k = row_nnz[i]; k < row_nnz[i + 1]; ++k) {
+      const int64_t p = fill[cols[k]]++;
+      rows_of[p] = i;
+      vals_t[p] = vals[k];
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(active.size()), 16, [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; ++a) {
+      const int64_t j = active[a];
+      for (int64_t p = col_ptr[j]; p < col_ptr[j + 1]; ++p) {
+        const scalar_t v = vals_t[p];
+        const scalar_t* xi = xr + rows_of[p] * D;
+        for (int o = 0; o < n_out; ++o) {
+          if (!takes(o, v)) continue;
+          scalar_t* out = out_to.to[o]->data_ptr<scalar_t>() + j * out_to.to[o]->stride(0);
+          for (int64_t d = 0; d < D; ++d) out[d] += v * xi[d];
+        }
+      }
+    }
+  });
+  return true;
+}
+
 // grad_x[rows] += G @ ref; grad_ref += G^T @ x[rows] (into grad_x when ref is x; skipped
 // when grad_ref is not wanted).
+bool try_sparse(const at::Tensor& G, const at::Tensor& x_rows, const at::Tensor& ref, GradTargets& targets) {
+  if (!(G.is_cpu() && G.is_contiguous() && x_rows.is_contiguous() && ref.is_contiguous())) return false;
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "pairwise_sparse_grad",
+                             [&] { done = accumulate_sparse<scalar_t>(G, x_rows, ref, targets); });
+  return done;
+}
+
+// (grad_x, grad_ref) pairs are contiguous (allocated by the drivers).
+at::Tensor* ref_target(at::Tensor& grad_x, at::Tensor& grad_ref, bool ref_is_x) {
+  return ref_is_x ? &grad_x : (grad_ref.size(0) > 0 ? &grad_ref : nullptr);
+}
+
+void accumulate_dense(const at::Tensor& G, const at::Tensor& x_rows, const at::Tensor& ref, int64_t row0,
+                      at::Tensor& grad_x, at::Tensor& grad_ref, bool ref_is_x);
+
 void accumulate_strip_grad(const at::Tensor& G, const at::Tensor& x_rows, const at::Tensor& ref, int64_t row0,
                            at::Tensor& grad_x, at::Tensor& grad_ref, bool ref_is_x) {
+  GradTargets targets{{grad_x.narrow(0, row0, G.size(0)), at::Tensor()},
+                      {ref_target(grad_x, grad_ref, ref_is_x), nullptr}, false};
+  if (try_sparse(G, x_rows, ref, targets)) return;
+  accumulate_dense(G, x_rows, ref, row0, grad_x, grad_ref, ref_is_x);
+}
+
+// Two-term losses (contrastive): term 0's gradient entries are <= 0 and term 1's >= 0 (d/ds of
+// relu(d - m_p) and of relu(m_n - d), d = sqrt(2 - 2s)), so the signs split one strip into the
+// two terms, which the reduction scales differently.
+void accumulate_strip_grad_split(at::Tensor& G, const at::Tensor& x_rows, const at::Tensor& ref, int64_t row0,
+                                 at::Tensor (&grad_x)[2], at::Tensor (&grad_ref)[2], bool ref_is_x) {
+  const int64_t t = G.size(0);
+  GradTargets targets{{grad_x[0].narrow(0, row0, t), grad_x[1].narrow(0, row0, t)},
+                      {ref_target(grad_x[0], grad_ref[0], ref_is_x), ref_target(grad_x[1], grad_ref[1], ref_is_x)},
+                      true};
+  if (try_sparse(G, x_rows, ref, targets)) return;
+  const at::Tensor G0 = G.clamp_max(0);
+  G.clamp_min_(0);
+  accumulate_dense(G0, x_rows, ref, row0, grad_x[0], grad_ref[0], ref_is_x);
+  accumulate_dense(G, x_rows, ref, row0, grad_x[1], grad_ref[1], ref_is_x);
+}
+
+void accumulate_dense(const at::Tensor& G, const at::Tensor& x_rows, const at::Tensor& ref, int64_t row0,
+                      at::Tensor& grad_x, at::Tensor& grad_ref, bool ref_is_x) {
   grad_x.narrow(0, row0, G.size(0)).addmm_(G, ref);
   if (ref_is_x) {
     grad_x.addmm_(G.t(), x_rows);
@@ -69,11 +223,10 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& labels, const at::Tensor
   return p;
 }
 
-// Runs the strips: S = x[rows] @ ref^T, then `epilogue(strip, row0)`, then, if `grads`, the
-// gradient GEMMs on the rewritten strip.
-template <typename Fn>
-void for_each_strip(const Prepared& p, const PairwiseEpilogue& epi, bool grads, at::Tensor& grad_x,
-                    at::Tensor& grad_ref, bool ref_is_x, Fn&& epilogue) {
+// Runs the strips: S = x[rows] @ ref^T, then `epilogue(strip, row0)`, then
+// `accumulate(strip, x_rows, row0)` (the gradient products on the rewritten strip).
+template <typename Fn, typename Acc>
+void for_each_strip(const Prepared& p, const PairwiseEpilogue& epi, Fn&& epilogue, Acc&& accumulate) {
   const int64_t B = p.x.size(0), M = p.ref.size(0);
   const int64_t T = strip_rows(B, M, epi.strip_elems);
   at::Tensor S = at::empty({T, M}, p.x.options());
@@ -84,7 +237,7 @@ void for_each_strip(const Prepared& p, const PairwiseEpilogue& epi, bool grads, 
     const at::Tensor x_rows = p.x.narrow(0, row0, t);
     at::mm_out(strip, x_rows, ref_t);
     epilogue(strip, row0);
-    if (grads) accumulate_strip_grad(strip, x_rows, p.ref, row0, grad_x, grad_ref, ref_is_x);
+    accumulate(strip, x_rows, row0);
   }
 }
 
@@ -97,20 +250,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_forward_driv
   TORCH_CHECK(reduction == kReductionNone || reduction == kReductionMean || reduction == kReductionSum,
               "structloss_fast: unknown reduction id ", reduction);
   TORCH_CHECK(grad_mode >= kGradNone && grad_mode <= kGradXRef, "structloss_fast: unknown grad_mode ", grad_mode);
-  TORCH_CHECK(grad_mode == kGradNone || (reduction != kReductionNone && spec.terms() == 1),
-              "structloss_fast: the forward computes gradients only for mean/sum of one-term losses");
+  TORCH_CHECK(grad_mode == kGradNone || (reduction != kReductionNone && (spec.terms() == 1 || spec.loss == kContrastive)),
+              "structloss_fast: the forward computes gradients only for mean/sum of one-term losses and contrastive");
   const Prepared p = prepare(x_in, labels_in, ref_in, ref_labels_in, spec);
   const int64_t B = p.x.size(0), M = p.ref.size(0), D = p.x.size(1);
   const bool grads = grad_mode != kGradNone;
+  const bool split = grads && spec.terms() == 2;
 
   at::Tensor row_stats = at::zeros({B, kNumRowStats}, p.x.options());
   at::Tensor grad_x = at::zeros({grads ? B : 0, D}, p.x.options());
   at::Tensor grad_ref = at::zeros({grad_mode == kGradXRef && !spec.ref_is_x ? M : 0, D}, p.x.options());
+  // Two-term losses: the gradients of term 1, scaled by their own reduction factor at the end.
+  at::Tensor grad_x2[2] = {grad_x, at::zeros_like(split ? grad_x : grad_x.narrow(0, 0, 0))};
+  at::Tensor grad_ref2[2] = {grad_ref, at::zeros_like(split ? grad_ref : grad_ref.narrow(0, 0, 0))};
 
   if (B > 0 && M > 0) {
-    for_each_strip(p, epi, grads, grad_x, grad_ref, spec.ref_is_x, [&](at::Tensor& strip, int64_t row0) {
-      epi.forward(strip, row0, p.labels, p.ref_labels, spec, grads, row_stats);
-    });
+    for_each_strip(
+        p, epi,
+        [&](at::Tensor& strip, int64_t row0) { epi.forward(strip, row0, p.labels, p.ref_labels, spec, grads, row_stats); },
+        [&](at::Tensor& strip, const at::Tensor& x_rows, int64_t row0) {
+          if (split) {
+            accumulate_strip_grad_split(strip, x_rows, p.ref, row0, grad_x2, grad_ref2, spec.ref_is_x);
+          } else if (grads) {
+            accumulate_strip_grad(strip, x_rows, p.ref, row0, grad_x, grad_ref, spec.ref_is_x);
+          }
+        });
   }
 
   const at::Tensor gate = pair_loss_gated(spec.loss)
@@ -128,14 +292,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_forward_driv
     loss = row_stats.select(1, kSum0).sum();
     if (reduction == kReductionMean) scale0 = gate / row_stats.select(1, kCount0).sum().clamp_min(1);
     loss = loss * scale0;
+    at::Tensor scale1 = gate;
     if (spec.terms() == 2) {
-      at::Tensor s1 = row_stats.select(1, kSum1).sum() * gate;
-      if (reduction == kReductionMean) s1 = s1 / row_stats.select(1, kCount1).sum().clamp_min(1);
-      loss = loss + s1;
+      if (reduction == kReductionMean) scale1 = gate / row_stats.select(1, kCount1).sum().clamp_min(1);
+      loss = loss + row_stats.select(1, kSum1).sum() * scale1;
     }
     if (grads) {
       grad_x.mul_(scale0);
       grad_ref.mul_(scale0);
+    }
+    if (split) {
+      grad_x.add_(grad_x2[1] * scale1);
+      grad_ref.add_(grad_ref2[1] * scale1);
     }
   }
   return {loss, row_stats, grad_x, grad_ref};
@@ -158,9 +326,14 @@ std::tuple<at::Tensor, at::Tensor> pairwise_backward_driver(
   at::Tensor grad_x = at::zeros({B, D}, p.x.options());
   at::Tensor grad_ref = at::zeros({ref_grad && !spec.ref_is_x ? M : 0, D}, p.x.options());
   if (B == 0 || M == 0) return {grad_x, grad_ref};
-  for_each_strip(p, epi, true, grad_x, grad_ref, spec.ref_is_x, [&](at::Tensor& strip, int64_t row0) {
-    epi.backward(strip, row0, p.labels, p.ref_labels, spec, row_stats, row_weights);
-  });
+  for_each_strip(
+      p, epi,
+      [&](at::Tensor& strip, int64_t row0) {
+        epi.backward(strip, row0, p.labels, p.ref_labels, spec, row_stats, row_weights);
+      },
+      [&](at::Tensor& strip, const at::Tensor& x_rows, int64_t row0) {
+        accumulate_strip_grad(strip, x_rows, p.ref, row0, grad_x, grad_ref, spec.ref_is_x);
+      });
   return {grad_x, grad_ref};
 }
 

@@ -30,8 +30,9 @@ struct PairwiseEpilogue {
 };
 
 // Returns (loss, row_stats, grad_x, grad_ref). loss is 0-d for mean/sum and (B, terms) for
-// none. With grad_mode > 0 (mean/sum of a one-term loss), grad_x (and grad_ref for kGradXRef
-// unless ref_is_x) hold the gradient of the reduced loss; otherwise they are empty (0, D).
+// none. With grad_mode > 0 (mean/sum of a one-term loss or of contrastive), grad_x (and
+// grad_ref for kGradXRef unless ref_is_x) hold the gradient of the reduced loss; otherwise they
+// are empty (0, D). On CPU, a strip whose gradient is sparse is accumulated from its non-zeros.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_forward_driver(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
     const PairwiseSpec& spec, int64_t reduction, int64_t grad_mode, const PairwiseEpilogue& epi);

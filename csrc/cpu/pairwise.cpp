@@ -589,6 +589,9 @@ SLF_CPU_MULTIVERSION void other_rows(const StripArgs<T, L>& a, int64_t r_begin, 
           contrastive_backward(row, p0, p1, w0, a.weights[(a.row0 + r) * terms + 1]);
         } else {
           contrastive_forward(row, p0, p1);
+          // Unit weights: term 0's entries come out <= 0 and term 1's >= 0; the driver splits
+          // them by sign and scales each by its own reduction factor.
+          if (a.want_grad) contrastive_backward(row, p0, p1, T(1), T(1));
         }
         break;
       case kTripletAll: {
