@@ -72,6 +72,16 @@ struct GradTargets {
   bool split;
 };
 
+constexpr int64_t kSkip = 32;
+
+template <typename scalar_t>
+inline bool all_zero(const scalar_t* p) {
+  bool any = false;
+#pragma omp simd reduction(| : any)
+  for (int64_t j = 0; j < kSkip; ++j) any |= p[j] != scalar_t(0);  // NaN != 0: not skipped
+  return !any;
+}
+
 // Accumulates the gradient from the non-zeros of G (t x M, contiguous); false, with nothing
 // done, when G is too dense. Deterministic: every output row is summed by one thread in a fixed
 // order.
@@ -106,7 +116,13 @@ bool accumulate_sparse(const at::Tensor& G, const at::Tensor& x_rows, const at::
     for (int64_t i = r0; i < r1; ++i) {
       const scalar_t* gi = g + i * M;
       int64_t k = row_nnz[i];
+      if (row_nnz[i + 1] == k) continue;
       for (int64_t j = 0; j < M; ++j) {
+        // Skip blocks of zeros with one vectorizable test per block.
+        if ((j & (kSkip - 1)) == 0 && j + kSkip <= M && all_zero(gi + j)) {
+          j += kSkip - 1;
+          continue;
+        }
         const scalar_t v = gi[j];
         if (v == scalar_t(0)) continue;
         cols[k] = j;

@@ -316,8 +316,11 @@ SLF_HD void ntxent_backward(const Row<T, L> r, T inv_t, T w) {
 // ---------------------------------------------------------------- contrastive
 
 // Terms: sum_P relu(d - pos_margin) and sum_N relu(neg_margin - d), d = ||x^ - r^||.
+// With want_grad, also overwrites the strip with the unit-weight gradient in the same pass:
+// term 0's entries (positives) come out <= 0 and term 1's (negatives) >= 0; the driver splits
+// them by sign and scales each by its own reduction factor.
 template <typename T, typename L>
-SLF_HD void contrastive_forward(const Row<T, L> r, T pos_margin, T neg_margin) {
+SLF_HD void contrastive_forward(const Row<T, L> r, T pos_margin, T neg_margin, bool want_grad) {
   // Locals, not the struct's fields: stores through the row pointers could alias the fields
   // as far as the compiler knows, which keeps it from vectorizing the loops.
   T* const s = r.s;
@@ -339,6 +342,10 @@ SLF_HD void contrastive_forward(const Row<T, L> r, T pos_margin, T neg_margin) {
     nz_n += (!same && row_counts(ln)) ? T(1) : T(0);
     cnt_p += pos ? 1 : 0;
     cnt_n += same ? 0 : 1;
+    if (want_grad) {  // loop-invariant: unswitched by the compiler
+      const T dd = unit_distance_grad(d);
+      s[j] = same ? (pos ? relu_grad(d - pos_margin) * dd : T(0)) : -relu_grad(neg_margin - d) * dd;
+    }
   }
   T* st = r.stats;
   st[kSum0] = sum_p;
@@ -588,10 +595,7 @@ SLF_CPU_MULTIVERSION void other_rows(const StripArgs<T, L>& a, int64_t r_begin, 
         if (a.backward) {
           contrastive_backward(row, p0, p1, w0, a.weights[(a.row0 + r) * terms + 1]);
         } else {
-          contrastive_forward(row, p0, p1);
-          // Unit weights: term 0's entries come out <= 0 and term 1's >= 0; the driver splits
-          // them by sign and scales each by its own reduction factor.
-          if (a.want_grad) contrastive_backward(row, p0, p1, T(1), T(1));
+          contrastive_forward(row, p0, p1, a.want_grad);
         }
         break;
       case kTripletAll: {
