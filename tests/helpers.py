@@ -43,11 +43,36 @@ def numerical_grad(fn, x, eps=1e-6):
     return g
 
 
+# Prepended to the scripts of compile_triton_for_hopper: triton, tl, and compile_sm90.
+_HOPPER_PRELUDE = r"""
+import sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def compile_sm90(fn, signature, constexprs, num_warps):
+    signature = dict(signature, **{k: "constexpr" for k in constexprs})
+    try:
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    except Exception as exc:
+        if "ptxas" in str(exc).lower():
+            print("NO-PTXAS", exc)
+            sys.exit(0)
+        raise
+    assert ".target sm_90" in kernel.asm["ptx"], "not an sm_90 build"
+    return kernel
+"""
+
+
 def compile_triton_for_hopper(script: str, expected: int, timeout: int = 900) -> None:
-    """Run `script` (which compiles Triton kernels for sm_90 with triton.compile and prints one
-    "compiled" line per kernel, or "NO-PTXAS" when Triton's bundled ptxas is missing) in a
-    process without TRITON_INTERPRET: without a GPU this is the only check that the kernels lower
-    to GPU code, the interpreter being lenient about types."""
+    """Run `script` (which compiles Triton kernels for sm_90 with the prelude's
+    compile_sm90(fn, signature, constexprs, num_warps) and prints one "compiled" line per kernel;
+    the prelude prints "NO-PTXAS" when Triton's bundled ptxas is missing) in a process without
+    TRITON_INTERPRET: without a GPU this is the only check that the kernels lower to GPU code,
+    the interpreter being lenient about types."""
     import os
     import subprocess
     import sys
@@ -57,7 +82,7 @@ def compile_triton_for_hopper(script: str, expected: int, timeout: int = 900) ->
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-c", _HOPPER_PRELUDE + script], capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     if "NO-PTXAS" in proc.stdout:
         pytest.skip(proc.stdout.strip())

@@ -6,11 +6,6 @@ from __future__ import annotations
 from helpers import compile_triton_for_hopper
 
 _AOT_SCRIPT = r"""
-import sys
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from structloss_fast.triton import pairwise as tk
 
 
@@ -23,16 +18,7 @@ def build(fn, x_dtype, acc, loss, extra_sig, extra_consts, block):
                   PRECISION="ieee" if x_dtype in ("fp32", "fp64") else "tf32",
                   ACC=tl.float64 if acc == "fp64" else tl.float32, UPCAST=False)
     consts.update(extra_consts)
-    sig.update({k: "constexpr" for k in consts})
-    try:
-        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-    except Exception as exc:
-        if "ptxas" in str(exc).lower():
-            print("NO-PTXAS", exc)
-            sys.exit(0)
-        raise
-    assert ".target sm_90" in kernel.asm["ptx"], "not an sm_90 build"
+    compile_sm90(fn, sig, consts, num_warps=4)
     print("compiled", fn.__name__, loss, x_dtype, flush=True)
 
 

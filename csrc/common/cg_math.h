@@ -11,6 +11,25 @@
 namespace structloss_fast {
 namespace cg {
 
+// One cg_dense call as the kernels see it: S systems of n unknowns and k right-hand sides,
+// contiguous, the outputs allocated (csrc/common/cg_common.h fills it from the op's tensors).
+template <typename T>
+struct DenseProblem {
+  const T* A;
+  int64_t a_stride;  // 0 (one A for every system) or n * n
+  const T* b;
+  const T* x0;       // nullptr: x0 = 0
+  const T* M;        // nullptr, diagonal (n per system) or dense (n * n per system)
+  int64_t m_stride;
+  bool m_dense;
+  T ridge, rtol, atol;
+  int64_t maxiter, n, k;
+  T* x;
+  int64_t* iters;
+  T* rnorm;
+  uint8_t* status;
+};
+
 // Must match RUNNING, CONVERGED, NEGATIVE_CURVATURE, BREAKDOWN in reference/cg.py.
 enum Status : uint8_t { kRunning = 0, kConverged = 1, kNegativeCurvature = 2, kBreakdown = 3 };
 

@@ -112,6 +112,12 @@ bool accumulate_sparse(const at::Tensor& G, const at::Tensor& x_rows, const at::
   const int n_out = split ? 2 : 1;
   const scalar_t* rf = ref.data_ptr<scalar_t>();
   const scalar_t* xr = x_rows.data_ptr<scalar_t>();
+  scalar_t* row_out[2] = {nullptr, nullptr};
+  int64_t row_stride[2] = {0, 0};
+  for (int o = 0; o < n_out; ++o) {
+    row_out[o] = out_to.rows[o].data_ptr<scalar_t>();
+    row_stride[o] = out_to.rows[o].stride(0);
+  }
   at::parallel_for(0, t, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       const scalar_t* gi = g + i * M;
@@ -131,7 +137,7 @@ bool accumulate_sparse(const at::Tensor& G, const at::Tensor& x_rows, const at::
         const scalar_t* rj = rf + j * D;
         for (int o = 0; o < n_out; ++o) {
           if (!takes(o, v)) continue;
-          scalar_t* out = out_to.rows[o].data_ptr<scalar_t>() + i * out_to.rows[o].stride(0);
+          scalar_t* out = row_out[o] + i * row_stride[o];
           for (int64_t d = 0; d < D; ++d) out[d] += v * rj[d];
         }
       }
@@ -156,6 +162,12 @@ bool accumulate_sparse(const at::Tensor& G, const at::Tensor& x_rows, const at::
       vals_t[p] = vals[k];
     }
   }
+  scalar_t* to_out[2] = {nullptr, nullptr};
+  int64_t to_stride[2] = {0, 0};
+  for (int o = 0; o < n_out; ++o) {
+    to_out[o] = out_to.to[o]->data_ptr<scalar_t>();
+    to_stride[o] = out_to.to[o]->stride(0);
+  }
   at::parallel_for(0, static_cast<int64_t>(active.size()), 16, [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a) {
       const int64_t j = active[a];
@@ -164,7 +176,7 @@ bool accumulate_sparse(const at::Tensor& G, const at::Tensor& x_rows, const at::
         const scalar_t* xi = xr + rows_of[p] * D;
         for (int o = 0; o < n_out; ++o) {
           if (!takes(o, v)) continue;
-          scalar_t* out = out_to.to[o]->data_ptr<scalar_t>() + j * out_to.to[o]->stride(0);
+          scalar_t* out = to_out[o] + j * to_stride[o];
           for (int64_t d = 0; d < D; ++d) out[d] += v * xi[d];
         }
       }
@@ -173,8 +185,6 @@ bool accumulate_sparse(const at::Tensor& G, const at::Tensor& x_rows, const at::
   return true;
 }
 
-// grad_x[rows] += G @ ref; grad_ref += G^T @ x[rows] (into grad_x when ref is x; skipped
-// when grad_ref is not wanted).
 bool try_sparse(const at::Tensor& G, const at::Tensor& x_rows, const at::Tensor& ref, GradTargets& targets) {
   if (!(G.is_cpu() && G.is_contiguous() && x_rows.is_contiguous() && ref.is_contiguous())) return false;
   bool done = false;
@@ -183,13 +193,22 @@ bool try_sparse(const at::Tensor& G, const at::Tensor& x_rows, const at::Tensor&
   return done;
 }
 
+// grad_x[rows] += G @ ref; grad_ref += G^T @ x[rows] (into grad_x when ref is x; skipped
+// when grad_ref is not wanted).
+void accumulate_dense(const at::Tensor& G, const at::Tensor& x_rows, const at::Tensor& ref, int64_t row0,
+                      at::Tensor& grad_x, at::Tensor& grad_ref, bool ref_is_x) {
+  grad_x.narrow(0, row0, G.size(0)).addmm_(G, ref);
+  if (ref_is_x) {
+    grad_x.addmm_(G.t(), x_rows);
+  } else if (grad_ref.size(0) > 0) {
+    grad_ref.addmm_(G.t(), x_rows);
+  }
+}
+
 // (grad_x, grad_ref) pairs are contiguous (allocated by the drivers).
 at::Tensor* ref_target(at::Tensor& grad_x, at::Tensor& grad_ref, bool ref_is_x) {
   return ref_is_x ? &grad_x : (grad_ref.size(0) > 0 ? &grad_ref : nullptr);
 }
-
-void accumulate_dense(const at::Tensor& G, const at::Tensor& x_rows, const at::Tensor& ref, int64_t row0,
-                      at::Tensor& grad_x, at::Tensor& grad_ref, bool ref_is_x);
 
 void accumulate_strip_grad(const at::Tensor& G, const at::Tensor& x_rows, const at::Tensor& ref, int64_t row0,
                            at::Tensor& grad_x, at::Tensor& grad_ref, bool ref_is_x) {
@@ -213,16 +232,6 @@ void accumulate_strip_grad_split(at::Tensor& G, const at::Tensor& x_rows, const 
   G.clamp_min_(0);
   accumulate_dense(G0, x_rows, ref, row0, grad_x[0], grad_ref[0], ref_is_x);
   accumulate_dense(G, x_rows, ref, row0, grad_x[1], grad_ref[1], ref_is_x);
-}
-
-void accumulate_dense(const at::Tensor& G, const at::Tensor& x_rows, const at::Tensor& ref, int64_t row0,
-                      at::Tensor& grad_x, at::Tensor& grad_ref, bool ref_is_x) {
-  grad_x.narrow(0, row0, G.size(0)).addmm_(G, ref);
-  if (ref_is_x) {
-    grad_x.addmm_(G.t(), x_rows);
-  } else if (grad_ref.size(0) > 0) {
-    grad_ref.addmm_(G.t(), x_rows);
-  }
 }
 
 struct Prepared {

@@ -18,11 +18,12 @@
 #include <cmath>
 #include <vector>
 
-#include "../common/cg_math.h"
+#include "../common/cg_common.h"
 
 namespace structloss_fast {
 namespace {
 
+using cg::DenseProblem;
 using cg::kBreakdown;
 using cg::kRunning;
 
@@ -97,22 +98,6 @@ SLF_HD void symv_cols(const T* __restrict A, int64_t n, const T* P, T* Y, const 
   }
 }
 
-template <typename T>
-struct DenseProblem {
-  const T* A;
-  int64_t a_stride;  // 0 (one A for every system) or n * n
-  const T* b;
-  const T* x0;       // nullptr: x0 = 0
-  const T* M;        // nullptr, diagonal (n per system) or dense (n * n per system)
-  int64_t m_stride;
-  bool m_dense;
-  T ridge, rtol, atol;
-  int64_t maxiter, n, k;
-  T* x;
-  int64_t* iters;
-  T* rnorm;
-  uint8_t* status;
-};
 
 // z = M r for one column, returning <r, z>.
 template <typename T>
@@ -234,65 +219,20 @@ SLF_CPU_MULTIVERSION void dense_solve_range(const DenseProblem<T>& pr, int64_t s
   }
 }
 
-void check_batch(const at::Tensor& t, const char* name, int64_t S, int64_t per_system_dims) {
-  TORCH_CHECK(t.dim() == per_system_dims + 1, "cg: ", name, " has the wrong number of dimensions");
-  TORCH_CHECK(t.size(0) == 1 || t.size(0) == S, "cg: ", name, " must have 1 or S systems");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cg_dense_cpu(const at::Tensor& A_in, const at::Tensor& b_in,
                                                                         const std::optional<at::Tensor>& x0_in,
                                                                         const std::optional<at::Tensor>& precond_in,
                                                                         double ridge, double rtol, double atol,
                                                                         int64_t maxiter) {
-  TORCH_CHECK(b_in.dim() == 3, "cg_dense: b must be (S, n, k)");
-  const int64_t S = b_in.size(0), n = b_in.size(1), k = b_in.size(2);
-  check_batch(A_in, "A", S, 2);
-  TORCH_CHECK(A_in.size(1) == n && A_in.size(2) == n, "cg_dense: A must be (S, n, n)");
-  TORCH_CHECK(A_in.scalar_type() == b_in.scalar_type(), "cg_dense: A and b differ in dtype");
-  TORCH_CHECK(maxiter >= 0, "cg_dense: maxiter must be >= 0");
-  const at::Tensor A = A_in.contiguous(), b = b_in.contiguous();
-  at::Tensor x0, M;
-  if (x0_in.has_value()) {
-    TORCH_CHECK(x0_in->sizes() == b.sizes() && x0_in->scalar_type() == b.scalar_type(), "cg_dense: x0 must be like b");
-    x0 = x0_in->contiguous();
-  }
-  bool m_dense = false;
-  if (precond_in.has_value()) {
-    m_dense = precond_in->dim() == 3;
-    check_batch(*precond_in, "precond", S, m_dense ? 2 : 1);
-    TORCH_CHECK(precond_in->size(1) == n && (!m_dense || precond_in->size(2) == n), "cg_dense: precond must be (S, n) or (S, n, n)");
-    TORCH_CHECK(precond_in->scalar_type() == b.scalar_type(), "cg_dense: precond and b differ in dtype");
-    M = precond_in->contiguous();
-  }
-  at::Tensor x = at::empty_like(b);
-  at::Tensor iters = at::empty({S, k}, b.options().dtype(at::kLong));
-  at::Tensor rnorm = at::empty({S, k}, b.options());
-  at::Tensor status = at::empty({S, k}, b.options().dtype(at::kByte));
-  if (S == 0 || k == 0) return {x, iters, rnorm, status};
-
-  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "cg_dense_cpu", [&] {
+  const cg::DenseCall c = cg::prepare_dense(A_in, b_in, x0_in, precond_in, maxiter);
+  if (c.S == 0 || c.k == 0) return {c.x, c.iters, c.rnorm, c.status};
+  AT_DISPATCH_FLOATING_TYPES(c.b.scalar_type(), "cg_dense_cpu", [&] {
     DenseProblem<scalar_t> pr;
-    pr.A = A.data_ptr<scalar_t>();
-    pr.a_stride = A.size(0) == 1 ? 0 : n * n;
-    pr.b = b.data_ptr<scalar_t>();
-    pr.x0 = x0.defined() ? x0.data_ptr<scalar_t>() : nullptr;
-    pr.M = M.defined() ? M.data_ptr<scalar_t>() : nullptr;
-    pr.m_stride = (!M.defined() || M.size(0) == 1) ? 0 : (m_dense ? n * n : n);
-    pr.m_dense = m_dense;
-    pr.ridge = static_cast<scalar_t>(ridge);
-    pr.rtol = static_cast<scalar_t>(rtol);
-    pr.atol = static_cast<scalar_t>(atol);
-    pr.maxiter = maxiter;
-    pr.n = n;
-    pr.k = k;
-    pr.x = x.data_ptr<scalar_t>();
-    pr.iters = iters.data_ptr<int64_t>();
-    pr.rnorm = rnorm.data_ptr<scalar_t>();
-    pr.status = status.data_ptr<uint8_t>();
+    cg::fill_dense_problem(pr, c, ridge, rtol, atol, maxiter);
     // One system per task: the per-system cost (many matrix-vector products) dwarfs scheduling.
-    at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) { dense_solve_range<scalar_t>(pr, begin, end); });
+    at::parallel_for(0, c.S, 1, [&](int64_t begin, int64_t end) { dense_solve_range<scalar_t>(pr, begin, end); });
   });
-  return {x, iters, rnorm, status};
+  return {c.x, c.iters, c.rnorm, c.status};
 }
 
 // ---------------------------------------------------------------- matrix-free iteration
@@ -441,31 +381,8 @@ void for_chunks(const UpdateArgs<T>& a, const F& fn) {
 void cg_update_cpu(at::Tensor& x, at::Tensor& r, at::Tensor& p, const at::Tensor& Ap,
                    const std::optional<at::Tensor>& precond, at::Tensor& rz, at::Tensor& rnorm, const at::Tensor& tol,
                    at::Tensor& iters, at::Tensor& status) {
-  TORCH_CHECK(x.dim() == 3, "cg_update: x must be (S, n, k)");
+  const at::Tensor d = cg::check_update(x, r, p, Ap, precond, rz, rnorm, tol, iters, status);
   const int64_t S = x.size(0), n = x.size(1), k = x.size(2);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &r, &p, &Ap}) {
-    TORCH_CHECK(t->sizes() == x.sizes(), "cg_update: x, r, p and Ap must have one shape");
-    TORCH_CHECK(t->is_contiguous(), "cg_update: x, r, p and Ap must be contiguous");
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "cg_update: x, r, p and Ap must have one dtype");
-  }
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&rz, &rnorm, &tol}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == S && t->size(1) == k && t->is_contiguous() &&
-                    t->scalar_type() == x.scalar_type(),
-                "cg_update: rz, residual_norm and tol must be contiguous (S, k) in x's dtype");
-  }
-  TORCH_CHECK(iters.dim() == 2 && iters.size(0) == S && iters.size(1) == k && iters.is_contiguous() &&
-                  iters.scalar_type() == at::kLong,
-              "cg_update: iterations must be contiguous (S, k) int64");
-  TORCH_CHECK(status.dim() == 2 && status.size(0) == S && status.size(1) == k && status.is_contiguous() &&
-                  status.scalar_type() == at::kByte,
-              "cg_update: status must be contiguous (S, k) uint8");
-  at::Tensor d;
-  if (precond.has_value()) {
-    TORCH_CHECK(precond->dim() == 2 && precond->size(0) == S && precond->size(1) == n && precond->is_contiguous() &&
-                    precond->scalar_type() == x.scalar_type(),
-                "cg_update: precond must be a contiguous (S, n) diagonal in x's dtype");
-    d = *precond;
-  }
   if (S == 0 || k == 0) return;
   const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / k);
   const int64_t nchunks = n == 0 ? 0 : (n + rows_per_chunk - 1) / rows_per_chunk;

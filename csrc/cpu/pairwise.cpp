@@ -45,18 +45,22 @@ struct Row {
   T* stats;  // this anchor's kNumRowStats statistics
 };
 
+// The row functions read a Row's fields into locals (s, M, lab, li, self_j) before their loops:
+// stores through the row pointers could alias the struct's fields as far as the compiler knows,
+// which keeps it from vectorizing the loops.
+#define SLF_ROW_LOCALS(r)                           \
+  T* const s = (r).s;                               \
+  const int64_t M = (r).M;                          \
+  [[maybe_unused]] const L* const lab = (r).lab;    \
+  [[maybe_unused]] const L li = (r).li;             \
+  [[maybe_unused]] const int64_t self_j = (r).self_j
+
 // ---------------------------------------------------------------- two-set losses
 
 template <typename T, typename L, typename Logits, typename Combine>
 SLF_HD void twoset_forward(const Row<T, L> r, T* buf, const Logits& lg, const Combine& combine, bool row_counted,
                            bool want_grad) {
-  // Locals, not the struct's fields: stores through the row pointers could alias the fields
-  // as far as the compiler knows, which keeps it from vectorizing the loops.
-  T* const s = r.s;
-  const int64_t M = r.M;
-  const L* const lab = r.lab;
-  const L li = r.li;
-  const int64_t self_j = r.self_j;
+  SLF_ROW_LOCALS(r);
   T max_p = neg_inf<T>(), max_n = neg_inf<T>();
   int64_t cnt_p = 0, cnt_n = 0;
 #pragma omp simd reduction(max : max_p, max_n) reduction(+ : cnt_p, cnt_n)
@@ -117,13 +121,7 @@ SLF_HD void twoset_forward(const Row<T, L> r, T* buf, const Logits& lg, const Co
 
 template <typename T, typename L, typename Logits, typename Combine>
 SLF_HD void twoset_backward(const Row<T, L> r, const Logits& lg, const Combine& combine, bool row_counted, T w) {
-  // Locals, not the struct's fields: stores through the row pointers could alias the fields
-  // as far as the compiler knows, which keeps it from vectorizing the loops.
-  T* const s = r.s;
-  const int64_t M = r.M;
-  const L* const lab = r.lab;
-  const L li = r.li;
-  const int64_t self_j = r.self_j;
+  SLF_ROW_LOCALS(r);
   const T* st = r.stats;
   const T lse_p = st[kAux0], lse_n = st[kAux1];
   if (w == T(0) || (row_counted && st[kCount0] == T(0))) {
@@ -148,13 +146,7 @@ SLF_HD void twoset_backward(const Row<T, L> r, const Logits& lg, const Combine& 
 // l = LSE_{P u N} a - mean_P a, a = s / t; 0 without positives.
 template <typename T, typename L>
 SLF_HD void supcon_forward(const Row<T, L> r, T* buf, T inv_t, bool want_grad) {
-  // Locals, not the struct's fields: stores through the row pointers could alias the fields
-  // as far as the compiler knows, which keeps it from vectorizing the loops.
-  T* const s = r.s;
-  const int64_t M = r.M;
-  const L* const lab = r.lab;
-  const L li = r.li;
-  const int64_t self_j = r.self_j;
+  SLF_ROW_LOCALS(r);
   T mx = neg_inf<T>(), sum_pa = T(0);
   int64_t cnt_p = 0, cnt_n = 0;
 #pragma omp simd reduction(max : mx) reduction(+ : sum_pa, cnt_p, cnt_n)
@@ -206,13 +198,7 @@ SLF_HD void supcon_forward(const Row<T, L> r, T* buf, T inv_t, bool want_grad) {
 
 template <typename T, typename L>
 SLF_HD void supcon_backward(const Row<T, L> r, T inv_t, T w) {
-  // Locals, not the struct's fields: stores through the row pointers could alias the fields
-  // as far as the compiler knows, which keeps it from vectorizing the loops.
-  T* const s = r.s;
-  const int64_t M = r.M;
-  const L* const lab = r.lab;
-  const L li = r.li;
-  const int64_t self_j = r.self_j;
+  SLF_ROW_LOCALS(r);
   const T* st = r.stats;
   if (w == T(0) || st[kCount0] == T(0)) {
     std::fill(s, s + M, T(0));
@@ -235,13 +221,7 @@ SLF_HD void supcon_backward(const Row<T, L> r, T inv_t, T w) {
 // l = sum_{p in P} softplus(LSE_N a - a_p), a = s / t.
 template <typename T, typename L>
 SLF_HD void ntxent_forward(const Row<T, L> r, T* buf, T inv_t, bool want_grad) {
-  // Locals, not the struct's fields: stores through the row pointers could alias the fields
-  // as far as the compiler knows, which keeps it from vectorizing the loops.
-  T* const s = r.s;
-  const int64_t M = r.M;
-  const L* const lab = r.lab;
-  const L li = r.li;
-  const int64_t self_j = r.self_j;
+  SLF_ROW_LOCALS(r);
   T max_n = neg_inf<T>();
   int64_t cnt_p = 0, cnt_n = 0;
 #pragma omp simd reduction(max : max_n) reduction(+ : cnt_p, cnt_n)
@@ -291,13 +271,7 @@ SLF_HD void ntxent_forward(const Row<T, L> r, T* buf, T inv_t, bool want_grad) {
 
 template <typename T, typename L>
 SLF_HD void ntxent_backward(const Row<T, L> r, T inv_t, T w) {
-  // Locals, not the struct's fields: stores through the row pointers could alias the fields
-  // as far as the compiler knows, which keeps it from vectorizing the loops.
-  T* const s = r.s;
-  const int64_t M = r.M;
-  const L* const lab = r.lab;
-  const L li = r.li;
-  const int64_t self_j = r.self_j;
+  SLF_ROW_LOCALS(r);
   const T* st = r.stats;
   if (w == T(0)) {
     std::fill(s, s + M, T(0));
@@ -321,13 +295,7 @@ SLF_HD void ntxent_backward(const Row<T, L> r, T inv_t, T w) {
 // them by sign and scales each by its own reduction factor.
 template <typename T, typename L>
 SLF_HD void contrastive_forward(const Row<T, L> r, T pos_margin, T neg_margin, bool want_grad) {
-  // Locals, not the struct's fields: stores through the row pointers could alias the fields
-  // as far as the compiler knows, which keeps it from vectorizing the loops.
-  T* const s = r.s;
-  const int64_t M = r.M;
-  const L* const lab = r.lab;
-  const L li = r.li;
-  const int64_t self_j = r.self_j;
+  SLF_ROW_LOCALS(r);
   T sum_p = T(0), sum_n = T(0), nz_p = T(0), nz_n = T(0);
   int64_t cnt_p = 0, cnt_n = 0;
 #pragma omp simd reduction(+ : sum_p, sum_n, nz_p, nz_n, cnt_p, cnt_n)
@@ -358,13 +326,7 @@ SLF_HD void contrastive_forward(const Row<T, L> r, T pos_margin, T neg_margin, b
 
 template <typename T, typename L>
 SLF_HD void contrastive_backward(const Row<T, L> r, T pos_margin, T neg_margin, T w_pos, T w_neg) {
-  // Locals, not the struct's fields: stores through the row pointers could alias the fields
-  // as far as the compiler knows, which keeps it from vectorizing the loops.
-  T* const s = r.s;
-  const int64_t M = r.M;
-  const L* const lab = r.lab;
-  const L li = r.li;
-  const int64_t self_j = r.self_j;
+  SLF_ROW_LOCALS(r);
 #pragma omp simd
   for (int64_t j = 0; j < M; ++j) {
     const T d = unit_distance(s[j]);
@@ -385,13 +347,7 @@ SLF_HD void contrastive_backward(const Row<T, L> r, T pos_margin, T neg_margin, 
 // are sorted and counted by binary search (O(M log M)).
 template <typename T, typename L>
 void triplet_all_row(const Row<T, L> r, Scratch<T>& sc, T margin, bool want_stats, bool want_grad, T w) {
-  // Locals, not the struct's fields: stores through the row pointers could alias the fields
-  // as far as the compiler knows, which keeps it from vectorizing the loops.
-  T* const s = r.s;
-  const int64_t M = r.M;
-  const L* const lab = r.lab;
-  const L li = r.li;
-  const int64_t self_j = r.self_j;
+  SLF_ROW_LOCALS(r);
   sc.ensure_triplet(M);
   T* dp = sc.a.data();
   T* dn = sc.b.data();
@@ -482,13 +438,7 @@ void triplet_all_row(const Row<T, L> r, Scratch<T>& sc, T margin, bool want_stat
 // ties): relu(d_p* - d_n* + margin) for anchors that have both.
 template <typename T, typename L>
 SLF_HD void triplet_hard_row(const Row<T, L> r, T* buf, T margin, bool want_stats, bool want_grad, T w) {
-  // Locals, not the struct's fields: stores through the row pointers could alias the fields
-  // as far as the compiler knows, which keeps it from vectorizing the loops.
-  T* const s = r.s;
-  const int64_t M = r.M;
-  const L* const lab = r.lab;
-  const L li = r.li;
-  const int64_t self_j = r.self_j;
+  SLF_ROW_LOCALS(r);
   const T inf = static_cast<T>(INFINITY);
   T best_p = -inf, best_n = inf;
   int64_t np = 0, nn = 0, n_nan = 0;

@@ -16,7 +16,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../common/cg_math.h"
+#include "../common/cg_common.h"
 
 namespace structloss_fast {
 namespace {
@@ -59,21 +59,9 @@ __device__ void block_symv(const T* __restrict__ A, int64_t n, const T* __restri
   }
 }
 
+// The shared problem plus where the kernel keeps its scratch.
 template <typename T>
-struct DenseProblem {
-  const T* A;
-  int64_t a_stride;
-  const T* b;
-  const T* x0;
-  const T* M;
-  int64_t m_stride;
-  bool m_dense;
-  T ridge, rtol, atol;
-  int64_t maxiter, n, k;
-  T* x;
-  int64_t* iters;
-  T* rnorm;
-  uint8_t* status;
+struct DenseProblem : cg::DenseProblem<T> {
   // Scratch: in dynamic shared memory (use_smem) or in `work` (work_stride bytes per system).
   bool use_smem;
   bool a_in_smem;
@@ -231,54 +219,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cg_dense_cuda(const a
                                                                          const std::optional<at::Tensor>& precond_in,
                                                                          double ridge, double rtol, double atol,
                                                                          int64_t maxiter) {
-  TORCH_CHECK(b_in.dim() == 3, "cg_dense: b must be (S, n, k)");
-  const int64_t S = b_in.size(0), n = b_in.size(1), k = b_in.size(2);
-  TORCH_CHECK(A_in.dim() == 3 && (A_in.size(0) == 1 || A_in.size(0) == S) && A_in.size(1) == n && A_in.size(2) == n,
-              "cg_dense: A must be (1 or S, n, n)");
-  TORCH_CHECK(A_in.scalar_type() == b_in.scalar_type(), "cg_dense: A and b differ in dtype");
-  TORCH_CHECK(maxiter >= 0, "cg_dense: maxiter must be >= 0");
   c10::cuda::CUDAGuard guard(b_in.device());
-  const at::Tensor A = A_in.contiguous(), b = b_in.contiguous();
-  at::Tensor x0, M;
-  if (x0_in.has_value()) {
-    TORCH_CHECK(x0_in->sizes() == b.sizes() && x0_in->scalar_type() == b.scalar_type(), "cg_dense: x0 must be like b");
-    x0 = x0_in->contiguous();
-  }
-  bool m_dense = false;
-  if (precond_in.has_value()) {
-    m_dense = precond_in->dim() == 3;
-    TORCH_CHECK(precond_in->dim() == (m_dense ? 3 : 2) && (precond_in->size(0) == 1 || precond_in->size(0) == S) &&
-                    precond_in->size(1) == n && (!m_dense || precond_in->size(2) == n),
-                "cg_dense: precond must be (1 or S, n) or (1 or S, n, n)");
-    TORCH_CHECK(precond_in->scalar_type() == b.scalar_type(), "cg_dense: precond and b differ in dtype");
-    M = precond_in->contiguous();
-  }
-  at::Tensor x = at::empty_like(b);
-  at::Tensor iters = at::empty({S, k}, b.options().dtype(at::kLong));
-  at::Tensor rnorm = at::empty({S, k}, b.options());
-  at::Tensor status = at::empty({S, k}, b.options().dtype(at::kByte));
-  if (S == 0 || k == 0) return {x, iters, rnorm, status};
+  const cg::DenseCall c = cg::prepare_dense(A_in, b_in, x0_in, precond_in, maxiter);
+  const int64_t S = c.S, n = c.n, k = c.k;
+  const at::Tensor& M = c.M;
+  if (S == 0 || k == 0) return {c.x, c.iters, c.rnorm, c.status};
 
-  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "cg_dense_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(c.b.scalar_type(), "cg_dense_cuda", [&] {
     using T = scalar_t;
     DenseProblem<T> pr;
-    pr.A = A.data_ptr<T>();
-    pr.a_stride = A.size(0) == 1 ? 0 : n * n;
-    pr.b = b.data_ptr<T>();
-    pr.x0 = x0.defined() ? x0.data_ptr<T>() : nullptr;
-    pr.M = M.defined() ? M.data_ptr<T>() : nullptr;
-    pr.m_stride = (!M.defined() || M.size(0) == 1) ? 0 : (m_dense ? n * n : n);
-    pr.m_dense = m_dense;
-    pr.ridge = static_cast<T>(ridge);
-    pr.rtol = static_cast<T>(rtol);
-    pr.atol = static_cast<T>(atol);
-    pr.maxiter = maxiter;
-    pr.n = n;
-    pr.k = k;
-    pr.x = x.data_ptr<T>();
-    pr.iters = iters.data_ptr<int64_t>();
-    pr.rnorm = rnorm.data_ptr<T>();
-    pr.status = status.data_ptr<uint8_t>();
+    cg::fill_dense_problem<T>(pr, c, ridge, rtol, atol, maxiter);
     const int64_t vec = (M.defined() ? 5 : 4) * n * k + 3 * k;
     auto layout_bytes = [&](bool with_a) {  // (bytes of the T arrays, total bytes)
       const int64_t t_elems = vec + (with_a ? n * n : 0);
@@ -306,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cg_dense_cuda(const a
         pr.work_stride = 0;
       } else {
         pr.work_stride = (without_a.second + 15) / 16 * 16;
-        work = at::empty({S * pr.work_stride}, b.options().dtype(at::kByte));
+        work = at::empty({S * pr.work_stride}, c.b.options().dtype(at::kByte));
         pr.work = work.data_ptr<uint8_t>();
       }
     }
@@ -314,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cg_dense_cuda(const a
     cg_dense_kernel<T><<<static_cast<unsigned>(S), threads, smem, at::cuda::getCurrentCUDAStream()>>>(pr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {x, iters, rnorm, status};
+  return {c.x, c.iters, c.rnorm, c.status};
 }
 
 // ---------------------------------------------------------------- matrix-free iteration
@@ -448,30 +398,8 @@ __global__ void __launch_bounds__(kUpdThreads) direction_kernel(UpdateArgs<T> a)
 void cg_update_cuda(at::Tensor& x, at::Tensor& r, at::Tensor& p, const at::Tensor& Ap,
                     const std::optional<at::Tensor>& precond, at::Tensor& rz, at::Tensor& rnorm, const at::Tensor& tol,
                     at::Tensor& iters, at::Tensor& status) {
-  TORCH_CHECK(x.dim() == 3, "cg_update: x must be (S, n, k)");
+  const at::Tensor d = cg::check_update(x, r, p, Ap, precond, rz, rnorm, tol, iters, status);
   const int64_t S = x.size(0), n = x.size(1), k = x.size(2);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &r, &p, &Ap}) {
-    TORCH_CHECK(t->sizes() == x.sizes() && t->is_contiguous() && t->scalar_type() == x.scalar_type(),
-                "cg_update: x, r, p and Ap must be contiguous, of one shape and dtype");
-  }
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&rz, &rnorm, &tol}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == S && t->size(1) == k && t->is_contiguous() &&
-                    t->scalar_type() == x.scalar_type(),
-                "cg_update: rz, residual_norm and tol must be contiguous (S, k) in x's dtype");
-  }
-  TORCH_CHECK(iters.dim() == 2 && iters.size(0) == S && iters.size(1) == k && iters.is_contiguous() &&
-                  iters.scalar_type() == at::kLong,
-              "cg_update: iterations must be contiguous (S, k) int64");
-  TORCH_CHECK(status.dim() == 2 && status.size(0) == S && status.size(1) == k && status.is_contiguous() &&
-                  status.scalar_type() == at::kByte,
-              "cg_update: status must be contiguous (S, k) uint8");
-  at::Tensor d;
-  if (precond.has_value()) {
-    TORCH_CHECK(precond->dim() == 2 && precond->size(0) == S && precond->size(1) == n && precond->is_contiguous() &&
-                    precond->scalar_type() == x.scalar_type(),
-                "cg_update: precond must be a contiguous (S, n) diagonal in x's dtype");
-    d = *precond;
-  }
   const int64_t cols = S * k;
   if (cols == 0) return;
   c10::cuda::CUDAGuard guard(x.device());

@@ -70,3 +70,19 @@ def get_case(key: str) -> Case:
 
 def size_label(size: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in size.items())
+
+
+def fwd_bwd_provider(make_inputs, loss_fn):
+    """A provider's setup: (x, y) = make_inputs(size, device) with x requiring grad, and one run =
+    loss_fn(x, y).backward() (x.grad cleared between runs)."""
+    def setup(size, device):
+        x, y = make_inputs(size, device)
+
+        def run():
+            loss = loss_fn(x, y)
+            loss.backward()
+            x.grad = None
+
+        return run
+
+    return setup

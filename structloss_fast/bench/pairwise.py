@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Case, register
+from . import Case, fwd_bwd_provider, register
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -20,17 +20,7 @@ def make_batch(size: dict, device, requires_grad=True, seed=0):
 
 
 def fwd_bwd(loss_fn):
-    def setup(size, device):
-        x, y = make_batch(size, device)
-
-        def run():
-            loss = loss_fn(x, y)
-            loss.backward()
-            x.grad = None
-
-        return run
-
-    return setup
+    return fwd_bwd_provider(make_batch, loss_fn)
 
 
 def _slf(name, backend="auto", **kw):

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from . import Case, register
+from . import Case, fwd_bwd_provider, register
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -39,17 +39,7 @@ def logits_batch(size, device, requires_grad=True, seed=0):
 
 
 def fwd_bwd_logits(loss_fn):
-    def setup(size, device):
-        x, y = logits_batch(size, device)
-
-        def run():
-            loss = loss_fn(x, y)
-            loss.backward()
-            x.grad = None
-
-        return run
-
-    return setup
+    return fwd_bwd_provider(logits_batch, loss_fn)
 
 
 def _el(backend="auto", **kw):

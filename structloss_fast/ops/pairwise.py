@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from . import no_double_backward, setup_nothing as _setup_nothing
 
 # Must match PairLossKind / ReductionKind / RowStat in csrc/common/pairwise_math.h.
 LOSS_IDS = {
@@ -131,12 +132,7 @@ def _make_backward(backward_op):
     return backward
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("structloss_fast: the pairwise losses do not support double backward")
-
-
-def _setup_nothing(ctx, inputs, output):
-    pass
+_no_double_backward = no_double_backward("structloss_fast: the pairwise losses do not support double backward")
 
 
 # ---- compiled ops (CPU and CUDA kernels in csrc/) ----

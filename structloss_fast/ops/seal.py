@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from . import no_double_backward, setup_nothing as _setup_nothing
 
 REDUCTION_IDS = {"none": 0, "mean": 1, "sum": 2}
 _ext.declare_backends("seal_nce_loss", ("cpu", "triton"))
@@ -82,12 +83,8 @@ def _make_backward(backward_op):
     return backward
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("structloss_fast: the SEAL noise-contrastive loss does not support double backward")
-
-
-def _setup_nothing(ctx, inputs, output):
-    pass
+_no_double_backward = no_double_backward(
+    "structloss_fast: the SEAL noise-contrastive loss does not support double backward")
 
 
 # ---- compiled ops (CPU kernels in csrc/cpu/seal.cpp) ----

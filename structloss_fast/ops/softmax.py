@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from . import no_double_backward, setup_nothing as _setup_nothing
 
 # Must match SoftmaxTransform / SoftmaxStat / SoftmaxParam in csrc/common/softmax_math.h.
 TRANSFORM_IDS = {"identity": 0, "normface": 1, "cosface": 2, "arcface": 3, "circle": 4}
@@ -80,6 +81,17 @@ def _fake_linear_backward(input, weight, bias, target, class_weight, row_stats, 
 # ---------------------------------------------------------------- autograd
 
 
+def mean_denominator(target, class_weight, ignore_index, C, dtype):
+    """Sum of the target class weights of the non-ignored rows (1 when that is 0), on device."""
+    valid = target != ignore_index
+    if class_weight is None:
+        denom = valid.sum().to(dtype)
+    else:
+        safe = torch.where(valid, target, torch.zeros_like(target)).clamp(0, max(C - 1, 0))
+        denom = (class_weight.to(dtype)[safe] * valid.to(dtype)).sum()
+    return torch.where(denom == 0, torch.ones_like(denom), denom)
+
+
 def row_weights(grad_loss: Tensor, target: Tensor, class_weight: Optional[Tensor], ignore_index: int,
                 reduction: int, dtype: torch.dtype, num_classes: int) -> Tensor:
     """Upstream gradient of each row loss, given the gradient of the reduced loss."""
@@ -88,13 +100,7 @@ def row_weights(grad_loss: Tensor, target: Tensor, class_weight: Optional[Tensor
         return grad_loss.to(dtype).reshape(N).contiguous()
     w = grad_loss.to(dtype).expand(N)
     if reduction == REDUCTION_IDS["mean"]:
-        valid = target != ignore_index
-        if class_weight is None:
-            denom = valid.sum().to(dtype)
-        else:
-            safe = torch.where(valid, target, torch.zeros_like(target)).clamp(0, max(num_classes - 1, 0))
-            denom = (class_weight.to(dtype)[safe] * valid.to(dtype)).sum()
-        w = w / torch.where(denom == 0, torch.ones_like(denom), denom)
+        w = w / mean_denominator(target, class_weight, ignore_index, num_classes, dtype)
     return w.contiguous()
 
 
@@ -184,12 +190,7 @@ def _make_linear_backward(backward_op):
     return backward
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("structloss_fast: the row-softmax losses do not support double backward")
-
-
-def _setup_nothing(ctx, inputs, output):
-    pass
+_no_double_backward = no_double_backward("structloss_fast: the row-softmax losses do not support double backward")
 
 
 # ---- compiled ops (CPU kernels in csrc/) ----

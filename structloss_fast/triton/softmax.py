@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.softmax import mean_denominator
+
 NUM_ROW_STATS = 9
 # Logits elements of one fused-linear row chunk (float32): 32 MiB, as the CPU kernels.
 CHUNK_ELEMS = 1 << 23
@@ -315,17 +317,6 @@ def _launch(x, target, class_weight, stats, grad, row_scale, ignore_index, trans
         ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=_block(C, x.device),
         num_warps=8 if x.device.type == "cuda" and C >= 8192 else 4,
     )
-
-
-def mean_denominator(target, class_weight, ignore_index, C, dtype):
-    """Sum of the target class weights of the non-ignored rows (1 when that is 0), on device."""
-    valid = target != ignore_index
-    if class_weight is None:
-        denom = valid.sum().to(dtype)
-    else:
-        safe = torch.where(valid, target, torch.zeros_like(target)).clamp(0, max(C - 1, 0))
-        denom = (class_weight.to(dtype)[safe] * valid.to(dtype)).sum()
-    return torch.where(denom == 0, torch.ones_like(denom), denom)
 
 
 def _reduce(row_loss, reduction, denom, dtype):
