@@ -351,9 +351,15 @@ def _gradcheck_params():
 
 
 @pytest.mark.parametrize("backend,device,loss,reduction", _gradcheck_params())
-def test_gradcheck_float64(backend, device, loss, reduction):
+@pytest.mark.parametrize("sparse", ["auto", "forced"])
+def test_gradcheck_float64(monkeypatch, backend, device, loss, reduction, sparse):
     """torch.autograd.gradcheck (float64) of every loss whose gradient is the derivative of its
-    value (all but Circle, whose alphas are detached), embeddings and references."""
+    value (all but Circle, whose alphas are detached), embeddings and references; "forced" runs
+    the CPU driver's sparse gradient accumulation on every strip."""
+    if sparse == "forced":
+        if backend not in ("cpu", "aten"):
+            pytest.skip("the sparse accumulation is the CPU driver's")
+        monkeypatch.setenv(SPARSE_ENV, "1")
     gen = torch.Generator().manual_seed(3)
     n, m, d = (6, 4, 3) if backend == "triton" else (7, 5, 4)
     x = torch.randn(n, d, dtype=torch.float64, generator=gen).to(device).requires_grad_(True)
