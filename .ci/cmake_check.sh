@@ -18,9 +18,12 @@ torch.ops.load_library(sys.argv[1])
 assert "structloss_fast" not in sys.modules
 x = torch.nn.functional.normalize(torch.randn(16, 8, dtype=torch.float64), dim=1)
 y = torch.randint(0, 4, (16,))
-loss, stats, gx, _ = torch.ops.structloss_fast.pairwise_loss(
-    x, y, x, y, 0, True, 0, [0.4, 80.0], 1, 1  # self_offset, ref_is_x, circle, (m, gamma), mean, grad of x
+stats, gx, _ = torch.ops.structloss_fast.pairwise_loss(
+    x, y, x, y, 0, True, 0, [0.4, 80.0], 1  # self_offset, ref_is_x, circle (ids.h), (m, gamma), grad of x
 )
+# The mean reduction of Circle loss from the row statistics (columns of ids.h's PairStat):
+# the rows' term (SUM0 = 2) over the count of non-zero rows (COUNT0 = 3).
+loss = stats[:, 2].sum() / stats[:, 3].sum().clamp_min(1)
 # Dense Circle loss, written out here to check the library independently of the package.
 s = x @ x.T
 pos = (y[:, None] == y[None, :]) & ~torch.eye(16, dtype=torch.bool)
@@ -30,6 +33,7 @@ z = a.masked_fill(~pos, float("-inf")).logsumexp(1) + a.masked_fill(~neg, float(
 rows = torch.where(pos.any(1) & neg.any(1), torch.nn.functional.softplus(z), torch.zeros(()))
 expected = rows.sum() / (rows > 0).sum().clamp_min(1)
 assert torch.allclose(loss, expected, rtol=1e-12), (loss, expected)
+assert gx.shape == (1, 16, 8) and torch.isfinite(gx).all()
 print(f"CMake library {sys.argv[1]}: loaded, pairwise_loss = {loss.item():.6f} (dense check {expected.item():.6f})")
 PY
 )

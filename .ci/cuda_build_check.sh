@@ -50,7 +50,7 @@ import structloss_fast
 from structloss_fast import _ext
 
 assert "site-packages" in structloss_fast.__file__, structloss_fast.__file__
-assert _ext.extension_loaded(), _ext._C_ERROR
+assert _ext.extension_loaded(), _ext.extension_error()
 ops = sorted({name for path in glob.glob(sys.argv[1] + "/*.cu")
               for name in re.findall(r'm\.impl\("([A-Za-z0-9_]+)"', open(path).read())})
 assert ops, "no CUDA ops found in csrc/cuda"

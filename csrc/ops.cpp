@@ -1,50 +1,54 @@
 // Every op schema of structloss_fast, written once. Kernels are registered per device in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd in structloss_fast/ops/*.py.
+// csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu; fake kernels and autograd in
+// structloss_fast/<family>/_ops.py, which also defines each loss op's Triton twin
+// (`<op>_triton`, the same schema, Triton kernels) from the schema written here.
+//
+// The loss ops take no reduction: they return per-row statistics (the columns are enums of
+// csrc/common/ids.h) and, on request, the gradients of the unit-weight sum of the row losses,
+// computed in the same pass. The Python glue reduces the statistics, and autograd hands the
+// recomputing backward ops the gradient of each row's loss ("row weights").
 #include <torch/library.h>
 
 TORCH_LIBRARY(structloss_fast, m) {
-  // ---- pairwise family (structloss_fast/ops/pairwise.py) ----
-  // Fused pairwise loss over anchors x (B, D) and references ref (M, D), both L2-normalized.
-  // self_offset: -1, or anchor i is reference (self_offset + i) mod M (that pair is excluded);
-  // ref_is_x: ref is x itself (its gradient folds into grad_x). loss: PairLossKind
-  // (csrc/common/pairwise_math.h); params: that loss's parameters; reduction: 0 none (per
-  // anchor and term, (B, terms)), 1 mean, 2 sum (as the loss's PML reducer). grad_mode: 0 none,
-  // 1 grad_x, 2 grad_x and grad_ref of the reduced loss, computed during the forward (mean/sum
-  // of one-term losses); otherwise they are empty. row_stats (B, 8): see RowStat. epilogue:
-  // "auto" | "kernel" | "aten" (the device-independent epilogue; for tests).
+  // ---- pairwise family (structloss_fast/pairwise/_ops.py) ----
+  // Fused pairwise statistics over anchors x (B, D) and references ref (M, D), both
+  // L2-normalized. self_offset: -1, or anchor i is reference (self_offset + i) mod M (that pair
+  // is excluded); ref_is_x: ref is x itself (its gradient folds into grad_x). loss: PairLossKind;
+  // params: that loss's parameters (ids.h). row_stats (B, kNumPairStats): PairStat columns.
+  // grad_mode (PairGradMode): with kGradX, grad_x (terms, B, D) holds for each term k the
+  // gradient of sum_i term_k,i; with kGradXRef also grad_ref (terms, M, D) unless ref_is_x;
+  // otherwise (0, B, D) / (0, M, D). Test switches are environment variables, not arguments:
+  // STRUCTLOSS_FAST_PAIRWISE_EPILOGUE=aten, STRUCTLOSS_FAST_PAIRWISE_SPARSE=0|1.
   m.def(
       "pairwise_loss(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, int self_offset, bool ref_is_x, "
-      "int loss, float[] params, int reduction, int grad_mode, str epilogue=\"auto\") -> (Tensor loss, "
-      "Tensor row_stats, Tensor grad_x, Tensor grad_ref)");
-  // Recomputing backward: gradients of sum_ik row_weights[i, k] * term_k,i.
+      "int loss, float[] params, int grad_mode) -> (Tensor row_stats, Tensor grad_x, Tensor grad_ref)");
+  // Recomputing backward: gradients of sum_ik row_weights[i, k] * term_k,i (row_weights (B, terms)).
   m.def(
       "pairwise_loss_backward(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor row_stats, "
-      "Tensor row_weights, int self_offset, bool ref_is_x, int loss, float[] params, bool ref_grad, "
-      "str epilogue=\"auto\") -> (Tensor grad_x, Tensor grad_ref)");
+      "Tensor row_weights, int self_offset, bool ref_is_x, int loss, float[] params, bool ref_grad) -> "
+      "(Tensor grad_x, Tensor grad_ref)");
 
-  // ---- softmax family (structloss_fast/ops/softmax.py) ----
-  // Encouraging Loss (cross-entropy at bonus_weight = 0) over the rows of logits (N, C), or over
-  // margin-head cosines with a logit transform. transform: SoftmaxTransform
-  // (csrc/common/softmax_math.h); params: log_end, bonus_weight, label_smoothing, eps, t0, t1;
-  // reduction: 0 none, 1 mean (over the class weights of the non-ignored targets), 2 sum.
-  // With compute_grad, grad_logits (N, C) holds each row's own gradient dl_i/dlogits_i (not yet
-  // scaled by the reduction), written during the forward; otherwise it is (0, C).
-  // row_stats (N, 7): see SoftmaxStat.
+  // ---- softmax family (structloss_fast/softmax/_ops.py) ----
+  // Encouraging Loss (cross-entropy at bonus_weight = 0) of each row of logits (N, C), or of
+  // margin-head cosines with a logit transform. transform: SoftmaxTransform; params: SoftmaxParam
+  // order (ids.h). row_stats (N, kNumSoftmaxStats): SoftmaxStat columns, the row loss among them.
+  // With compute_grad, grad_logits (N, C) holds each row's own gradient dl_i/dlogits_i, written
+  // during the forward; otherwise it is (0, C).
   m.def(
       "softmax_loss(Tensor logits, Tensor target, Tensor? class_weight, int ignore_index, int transform, "
-      "float[] params, int reduction, bool compute_grad) -> (Tensor loss, Tensor row_stats, Tensor grad_logits)");
+      "float[] params, bool compute_grad) -> (Tensor row_stats, Tensor grad_logits)");
   // Recomputing backward: row_weights[i] * dl_i/dlogits from the saved row statistics.
   m.def(
       "softmax_loss_backward(Tensor logits, Tensor target, Tensor? class_weight, Tensor row_stats, "
       "Tensor row_weights, int ignore_index, int transform, float[] params) -> Tensor");
-  // The same loss on logits = input @ weight^T + bias, in chunks of rows (and class tiles for
+  // The same rows on logits = input @ weight^T + bias, in chunks of rows (and class tiles for
   // very large C) so that the (N, C) logits never exist. grad_mask: (input, weight, bias); with
-  // any bit set (mean/sum only) the gradients of the reduced loss are accumulated during the
-  // forward in float32 (float64 for float64). row_chunk / class_tile: 0 = automatic.
+  // any bit set the gradients of the unit-weight sum of the row losses are accumulated during
+  // the forward in float32 (float64 for float64). row_chunk / class_tile: 0 = automatic.
   m.def(
       "linear_softmax_loss(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, "
-      "int ignore_index, int transform, float[] params, int reduction, bool[3] grad_mask, int row_chunk, "
-      "int class_tile) -> (Tensor loss, Tensor row_stats, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "int ignore_index, int transform, float[] params, bool[3] grad_mask, int row_chunk, int class_tile) -> "
+      "(Tensor row_stats, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "linear_softmax_loss_backward(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, "
       "Tensor row_stats, Tensor row_weights, int ignore_index, int transform, float[] params, bool[3] grad_mask, "
@@ -64,12 +68,12 @@ TORCH_LIBRARY(structloss_fast, m) {
       "float[] x_clamp, bool noise_after_clamp, Generator? generator, int[] philox) -> ()",
       {at::Tag::nondeterministic_seeded});
 
-  // ---- cg / taskmet family (structloss_fast/ops/cg.py) ----
+  // ---- taskmet family: conjugate gradients (structloss_fast/taskmet/_ops.py) ----
   // Batched dense conjugate gradients, the whole loop in one kernel per system. A (SA, n, n)
   // symmetric, SA in {1, S} (1: shared by every system); b (S, n, k); x0 None or (S, n, k);
   // precond None, (SP, n) (diagonal of M, z = M r) or (SP, n, n) (dense M), SP in {1, S}.
   // Solves (A + ridge I) x = b per column to ||r|| <= max(rtol ||b||, atol). Outputs x (S, n, k),
-  // iterations (S, k) int64, residual_norm (S, k), status (S, k) uint8 (csrc/common/cg_math.h).
+  // iterations (S, k) int64, residual_norm (S, k), status (S, k) uint8 (CGStatus, ids.h).
   m.def(
       "cg_dense(Tensor A, Tensor b, Tensor? x0, Tensor? precond, float ridge, float rtol, float atol, "
       "int maxiter) -> (Tensor x, Tensor iterations, Tensor residual_norm, Tensor status)");
@@ -82,19 +86,18 @@ TORCH_LIBRARY(structloss_fast, m) {
       "cg_update(Tensor(a!) x, Tensor(b!) r, Tensor(c!) p, Tensor Ap, Tensor? precond, Tensor(d!) rz, "
       "Tensor(e!) residual_norm, Tensor tol, Tensor(f!) iterations, Tensor(g!) status) -> ()");
 
-  // ---- seal family (structloss_fast/ops/seal.py) ----
+  // ---- seal family (structloss_fast/seal/_ops.py) ----
   // Fused sample-and-score noise-contrastive loss of a SEAL energy with unary potentials
   // unary (B, L) and global term c2^T softplus(C1 y + b1), C1 = global_weight (H, L):
   // draws num_samples = K Bernoulli(probs) label vectors per example from the 64-bit seed
   // (Philox4x32-10; or reads them from samples (B, K, L)), z_k = s(y_k) - [use_logq] log q(y_k)
-  // with the gold labels at k = 0, loss_b = LSE_k z_k - z_0. reduction: 0 none, 1 mean, 2 sum.
-  // stats (B, K + 2) = (z_0 .. z_K, LSE). With compute_grad (mean/sum) the grad outputs hold
-  // the gradient of the reduced loss (probs and labels get none); otherwise they are empty.
+  // with the gold labels at k = 0; example b's loss is LSE_k z_k - z_0. stats (B, K + 2) =
+  // (z_0 .. z_K, LSE). With compute_grad the grad outputs hold the gradients of the unit-weight
+  // sum of the example losses (probs and labels get none); otherwise they are empty.
   m.def(
       "seal_nce_loss(Tensor unary, Tensor probs, Tensor labels, Tensor global_weight, Tensor global_bias, "
-      "Tensor global_out, Tensor seed, Tensor? samples, int num_samples, bool use_logq, int reduction, "
-      "bool compute_grad) -> (Tensor loss, Tensor stats, Tensor grad_unary, Tensor grad_weight, "
-      "Tensor grad_bias, Tensor grad_out)");
+      "Tensor global_out, Tensor seed, Tensor? samples, int num_samples, bool use_logq, bool compute_grad) -> "
+      "(Tensor stats, Tensor grad_unary, Tensor grad_weight, Tensor grad_bias, Tensor grad_out)");
   // Recomputing backward (samples redrawn from the seed): gradients of sum_b row_weights[b] * loss_b.
   m.def(
       "seal_nce_loss_backward(Tensor unary, Tensor probs, Tensor labels, Tensor global_weight, "

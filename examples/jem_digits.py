@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from structloss_fast import jem_eval  # noqa: E402
 from structloss_fast.jem import JEMDivergenceError, JEMTrainer  # noqa: E402
-from structloss_fast.jem_models import SmallCNN  # noqa: E402
+from structloss_fast.jem.models import SmallCNN  # noqa: E402
 
 
 def load_digits_tensors(seed: int = 0, test_fraction: float = 0.25):

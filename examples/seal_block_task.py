@@ -4,7 +4,7 @@ SPEN (SSVM training, gradient-based inference at test time), over several seeds.
     python examples/seal_block_task.py              # 3 seeds, about 5 minutes on 2 CPU cores
     python examples/seal_block_task.py --quick      # a smoke test (seconds)
 
-The block task (structloss_fast.seal_data.make_block_task): 64-d Gaussian inputs, a random linear
+The block task (structloss_fast.seal.data.make_block_task): 64-d Gaussian inputs, a random linear
 map to 16 labels in 4 blocks of 4, and exactly one label on per block (the block's argmax).
 Prints a table of test example-F1 (threshold 0.5), per-example mean average precision, and the
 test-time latency per example (one example at a time, and amortised over a batch of 1000).
@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 import structloss_fast as slf
-from structloss_fast import seal_data as D
-from structloss_fast import seal_train as T
+from structloss_fast.seal import data as D
+from structloss_fast.seal import train as T
 
 METHODS = ("BCE", "SEAL-static NCE", "SEAL-dynamic NCE", "SPEN (GBI)")
 

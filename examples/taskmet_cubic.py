@@ -18,7 +18,7 @@ import sys
 import torch
 
 from structloss_fast.taskmet import TaskMetConfig
-from structloss_fast.taskmet_tasks import DEFAULT_CONFIGS, compare, summary
+from structloss_fast.taskmet.tasks import DEFAULT_CONFIGS, compare, summary
 
 
 def plot(res: dict, path: str) -> None:

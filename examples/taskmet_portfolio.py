@@ -3,7 +3,7 @@
 50 assets; per asset a feature vector x and an expected return mu(x) (a fixed nonlinear
 function); realized returns y = mu(x) + B f + e with a known factor covariance Sigma. The decision
 is the long-only, fully invested Markowitz portfolio max_w y^T w - 0.1 w^T Sigma w, solved by the
-batched simplex QP layer (structloss_fast.taskmet_tasks.simplex_qp, differentiable through its
+batched simplex QP layer (structloss_fast.taskmet.tasks.simplex_qp, differentiable through its
 KKT system). The predictor is a per-asset 2-layer MLP; the paper's market data is not available
 here. Prints the normalised test decision quality per seed and the mean.
 
@@ -18,7 +18,7 @@ import sys
 import torch
 
 from structloss_fast.taskmet import TaskMetConfig
-from structloss_fast.taskmet_tasks import DEFAULT_CONFIGS, compare, summary
+from structloss_fast.taskmet.tasks import DEFAULT_CONFIGS, compare, summary
 
 
 def main(argv=None) -> dict:

@@ -1,20 +1,19 @@
-"""`python -m structloss_fast info`: versions and which backends are built and usable here."""
+"""`python -m structloss_fast info`: versions, and for every op which backends are built and
+usable here, what "auto" picks, and where it falls back (from the backend registry)."""
 from __future__ import annotations
 
 import platform
 
 import torch
 
-from . import __version__, _ext
+from . import FAMILIES, __version__, _ext, _registry
 
-# One op per family that has compiled kernels; info reports each backend for these.
-PROBE_OPS = {
-    "pairwise": "pairwise_loss",
-    "softmax": "softmax_loss",
-    "sgld": "sgld_step_",
-    "cg": "cg_dense",
-    "seal": "seal_nce_loss",
-}
+
+def _cell(backend: str, device: str, op: str, gpu: bool) -> str:
+    usable, reason = _registry.backend_status(backend, torch.device(device), op)
+    if device == "cuda" and usable and not gpu:
+        usable, reason = False, "no GPU is visible"
+    return ("yes" if usable else "no") + f" ({reason})"
 
 
 def report() -> str:
@@ -25,24 +24,21 @@ def report() -> str:
     ]
     ok, why = _ext.triton_status()
     lines.append(f"triton: {why}" + ("" if ok else " [optional]"))
-    lines.append(f"compiled extension: {'loaded' if _ext.extension_loaded() else _ext._C_ERROR}")
+    lines.append(f"compiled extension: {'loaded' if _ext.extension_loaded() else _ext.extension_error()}")
     gpu = torch.cuda.is_available()
     lines.append(f"GPU: {torch.cuda.get_device_name() if gpu else 'none visible to torch'}")
     lines.append("")
-    lines.append("backend availability (cpu tensors | cuda tensors):")
-    for family, op in PROBE_OPS.items():
-        lines.append(f"  {family} ({op}):")
-        for backend in ("reference", "cpu", "cuda", "triton"):
-            cells = []
-            for dev in ("cpu", "cuda"):
-                usable, reason = _ext.backend_status(backend, torch.device(dev), op)
-                if dev == "cuda" and usable and not gpu:
-                    usable, reason = False, "no GPU is visible"
-                cells.append(("yes" if usable else "no") + f" ({reason})")
-            lines.append(f"    {backend:<9} {cells[0]}  |  {cells[1]}")
-        if "cuda" in _ext.op_backends(op):
-            built_cuda = _ext.has_kernel(op, "CUDA")
-            lines.append(f"    CUDA kernels compiled into this build: {'yes' if built_cuda else 'no'}")
+    lines.append("backends per op (cpu tensors | cuda tensors), and what backend='auto' tries in order:")
+    ops = _registry.ops()
+    for family in FAMILIES:
+        for name, spec in ops.items():
+            if spec.family != family:
+                continue
+            lines.append(f"  {family}: {name} (kernels: {', '.join(spec.kernels)})")
+            for backend in ("reference",) + spec.kernels:
+                lines.append(f"    {backend:<9} {_cell(backend, 'cpu', name, gpu)}  |  {_cell(backend, 'cuda', name, gpu)}")
+            lines.append(f"    auto, cpu tensors:  {_registry.auto_order(name, 'cpu')}")
+            lines.append(f"    auto, cuda tensors: {_registry.auto_order(name, 'cuda')}")
     return "\n".join(lines)
 
 

@@ -1,7 +1,38 @@
-"""Comparison helpers with dtype-aware tolerances."""
+"""Test helpers: the backends a test runs, dtype-aware comparisons, numerical gradients, and the
+ahead-of-time compile of Triton kernels for a GPU that is not here."""
 from __future__ import annotations
 
 import torch
+
+from structloss_fast import _ext, _registry
+
+
+def triton_device():
+    """The device Triton kernels are tested on: CUDA when present, else CPU (interpreter)."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def can_run(backend: str, op: str, device=None) -> bool:
+    """Whether `backend` can run structloss_fast::<op> on this machine (on `device`; Triton's
+    device by default for "triton")."""
+    if device is None:
+        device = triton_device() if backend == "triton" else torch.device(backend if backend != "reference" else "cpu")
+    return _registry.backend_status(backend, device, op)[0]
+
+
+def fast_backends(op: str, backends=("cpu", "cuda", "triton")):
+    """(backend, device) pairs that can run structloss_fast::<op> here; tests run every one.
+    The compiled CPU kernel must exist (a test run on an unbuilt checkout fails loudly rather
+    than silently testing less); CUDA and Triton join when this machine can run them."""
+    out = []
+    if "cpu" in backends:
+        assert _ext.has_kernel(op, "CPU"), f"structloss_fast::{op} has no CPU kernel: {_ext.extension_error()}"
+        out.append(("cpu", torch.device("cpu")))
+    if "cuda" in backends and torch.cuda.is_available() and can_run("cuda", op, torch.device("cuda")):
+        out.append(("cuda", torch.device("cuda")))
+    if "triton" in backends and can_run("triton", op):
+        out.append(("triton", triton_device()))
+    return out
 
 
 def max_abs(a, b) -> float:

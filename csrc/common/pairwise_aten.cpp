@@ -1,6 +1,6 @@
 // The pairwise epilogue written with ATen ops on the T x M strip, for any device. The CUDA
 // backend uses it for the losses that have no dedicated CUDA kernel (triplet mining with sorts
-// and binary searches among them); on CPU it is reachable with epilogue="aten", which is how
+// and binary searches among them); on CPU it is reachable with STRUCTLOSS_FAST_PAIRWISE_EPILOGUE=aten, which is how
 // the tests check it without a GPU. Same statistics and gradients as the CPU loops.
 #include <ATen/ATen.h>
 
@@ -153,12 +153,12 @@ Tensor hardest_grad(const Hardest& h, const Tensor& w) {
 
 void write_stats(Tensor& st, const Tensor& aux0, const Tensor& aux1, const Tensor& sum0, const Tensor& cnt0,
                  const Masks& m) {
-  if (aux0.defined()) st.select(1, kAux0).copy_(aux0);
-  if (aux1.defined()) st.select(1, kAux1).copy_(aux1);
-  st.select(1, kSum0).copy_(sum0);
-  st.select(1, kCount0).copy_(cnt0);
-  st.select(1, kNumPos).copy_(m.npos);
-  st.select(1, kNumNeg).copy_(m.nneg);
+  if (aux0.defined()) st.select(1, kPairAux0).copy_(aux0);
+  if (aux1.defined()) st.select(1, kPairAux1).copy_(aux1);
+  st.select(1, kPairSum0).copy_(sum0);
+  st.select(1, kPairCount0).copy_(cnt0);
+  st.select(1, kPairNumPos).copy_(m.npos);
+  st.select(1, kPairNumNeg).copy_(m.nneg);
 }
 
 void aten_forward(Tensor& S, int64_t row0, const Tensor& labels, const Tensor& ref_labels, const PairwiseSpec& spec,
@@ -204,8 +204,8 @@ void aten_forward(Tensor& S, int64_t row0, const Tensor& labels, const Tensor& r
       const Tensor lp = at::where(m.pos, (d - spec.p[0]).relu(), at::zeros_like(d));
       const Tensor ln = at::where(m.neg, (spec.p[1] - d).relu(), at::zeros_like(d));
       write_stats(st, Tensor(), Tensor(), lp.sum(1), (counts_nonzero(lp) * m.pos).sum(1), m);
-      st.select(1, kSum1).copy_(ln.sum(1));
-      st.select(1, kCount1).copy_((counts_nonzero(ln) * m.neg).sum(1));
+      st.select(1, kPairSum1).copy_(ln.sum(1));
+      st.select(1, kPairCount1).copy_((counts_nonzero(ln) * m.neg).sum(1));
       if (want_grad) {  // unit weights; the driver splits the terms by sign (term 0 <= 0 <= term 1)
         const Tensor dd = unit_distance_grad(d);
         G = at::where(m.pos, relu_grad(d - spec.p[0]) * dd,
@@ -246,24 +246,24 @@ void aten_backward(Tensor& S, int64_t row0, const Tensor& labels, const Tensor& 
   switch (spec.loss) {
     case kCircle: case kUnified: case kMultiSimilarity: {
       TwoSet r = twoset(S, m, spec);
-      r.lse_p = st.select(1, kAux0);  // the forward's statistics, as the CPU kernel uses them
-      r.lse_n = st.select(1, kAux1);
-      const Tensor counted = pair_loss_row_counted(spec.loss) ? st.select(1, kCount0) : at::ones_like(w0);
+      r.lse_p = st.select(1, kPairAux0);  // the forward's statistics, as the CPU kernel uses them
+      r.lse_n = st.select(1, kPairAux1);
+      const Tensor counted = pair_loss_row_counted(spec.loss) ? st.select(1, kPairCount0) : at::ones_like(w0);
       G = twoset_grad(r, m, w0 * counted);
       break;
     }
     case kSupCon: {
       const Tensor a = S / t;
-      const Tensor lse = st.select(1, kAux0);
+      const Tensor lse = st.select(1, kPairAux0);
       const Tensor soft = at::where(m.pos.logical_or(m.neg), (a - lse.unsqueeze(1)).exp(), at::zeros_like(a));
-      G = (w0 * st.select(1, kCount0) / t).unsqueeze(1) *
+      G = (w0 * st.select(1, kPairCount0) / t).unsqueeze(1) *
           (soft - m.pos.to(a.scalar_type()) / m.npos.clamp_min(1).unsqueeze(1));
       break;
     }
     case kNTXent: {
       const Tensor a = S / t;
-      const Tensor z = st.select(1, kAux0).unsqueeze(1) - a;
-      const Tensor c = st.select(1, kAux1);
+      const Tensor z = st.select(1, kPairAux0).unsqueeze(1) - a;
+      const Tensor c = st.select(1, kPairAux1);
       G = (w0 / t).unsqueeze(1) *
           at::where(m.pos, -z.sigmoid(), at::where(m.neg, c.unsqueeze(1) * (-z).exp(), at::zeros_like(z)));
       break;

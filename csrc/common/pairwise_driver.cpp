@@ -6,11 +6,20 @@
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "pairwise_math.h"
 
 namespace structloss_fast {
+
+bool aten_epilogue_forced() {
+  const char* v = std::getenv("STRUCTLOSS_FAST_PAIRWISE_EPILOGUE");
+  if (v == nullptr || *v == '\0' || std::string(v) == "kernel") return false;
+  TORCH_CHECK(std::string(v) == "aten", "structloss_fast: STRUCTLOSS_FAST_PAIRWISE_EPILOGUE must be 'aten' or 'kernel', got '",
+              v, "'");
+  return true;
+}
 
 PairwiseSpec make_pairwise_spec(int64_t loss, at::ArrayRef<double> params, int64_t self_offset, bool ref_is_x) {
   TORCH_CHECK(loss >= 0 && loss < kNumPairLosses, "structloss_fast: unknown pairwise loss id ", loss);
@@ -268,26 +277,26 @@ void for_each_strip(const Prepared& p, const PairwiseEpilogue& epi, Fn&& epilogu
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_forward_driver(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_forward_driver(
     const at::Tensor& x_in, const at::Tensor& labels_in, const at::Tensor& ref_in, const at::Tensor& ref_labels_in,
-    const PairwiseSpec& spec, int64_t reduction, int64_t grad_mode, const PairwiseEpilogue& epi) {
+    const PairwiseSpec& spec, int64_t grad_mode, const PairwiseEpilogue& epi) {
   check_pairwise_inputs(x_in, labels_in, ref_in, ref_labels_in, spec);
-  TORCH_CHECK(reduction == kReductionNone || reduction == kReductionMean || reduction == kReductionSum,
-              "structloss_fast: unknown reduction id ", reduction);
-  TORCH_CHECK(grad_mode >= kGradNone && grad_mode <= kGradXRef, "structloss_fast: unknown grad_mode ", grad_mode);
-  TORCH_CHECK(grad_mode == kGradNone || (reduction != kReductionNone && (spec.terms() == 1 || spec.loss == kContrastive)),
-              "structloss_fast: the forward computes gradients only for mean/sum of one-term losses and contrastive");
+  TORCH_CHECK(grad_mode >= kGradNone && grad_mode < kNumPairGradModes, "structloss_fast: unknown grad_mode ", grad_mode);
   const Prepared p = prepare(x_in, labels_in, ref_in, ref_labels_in, spec);
   const int64_t B = p.x.size(0), M = p.ref.size(0), D = p.x.size(1);
   const bool grads = grad_mode != kGradNone;
-  const bool split = grads && spec.terms() == 2;
+  const int64_t terms = grads ? spec.terms() : 0;
+  const bool split = terms == 2;
 
-  at::Tensor row_stats = at::zeros({B, kNumRowStats}, p.x.options());
-  at::Tensor grad_x = at::zeros({grads ? B : 0, D}, p.x.options());
-  at::Tensor grad_ref = at::zeros({grad_mode == kGradXRef && !spec.ref_is_x ? M : 0, D}, p.x.options());
-  // Two-term losses: the gradients of term 1, scaled by their own reduction factor at the end.
-  at::Tensor grad_x2[2] = {grad_x, at::zeros_like(split ? grad_x : grad_x.narrow(0, 0, 0))};
-  at::Tensor grad_ref2[2] = {grad_ref, at::zeros_like(split ? grad_ref : grad_ref.narrow(0, 0, 0))};
+  at::Tensor row_stats = at::zeros({B, kNumPairStats}, p.x.options());
+  at::Tensor grad_x = at::zeros({terms, B, D}, p.x.options());
+  at::Tensor grad_ref = at::zeros({grad_mode == kGradXRef && !spec.ref_is_x ? terms : 0, M, D}, p.x.options());
+  // Per term: grad_x[k] (and grad_ref[k], empty when not wanted).
+  at::Tensor gx[2], gr[2];
+  for (int64_t k = 0; k < 2; ++k) {
+    gx[k] = k < terms ? grad_x.select(0, k) : at::Tensor();
+    gr[k] = k < grad_ref.size(0) ? grad_ref.select(0, k) : p.x.new_zeros({0, D});
+  }
 
   if (B > 0 && M > 0) {
     for_each_strip(
@@ -295,43 +304,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_forward_driv
         [&](at::Tensor& strip, int64_t row0) { epi.forward(strip, row0, p.labels, p.ref_labels, spec, grads, row_stats); },
         [&](at::Tensor& strip, const at::Tensor& x_rows, int64_t row0) {
           if (split) {
-            accumulate_strip_grad_split(strip, x_rows, p.ref, row0, grad_x2, grad_ref2, spec.ref_is_x);
+            accumulate_strip_grad_split(strip, x_rows, p.ref, row0, gx, gr, spec.ref_is_x);
           } else if (grads) {
-            accumulate_strip_grad(strip, x_rows, p.ref, row0, grad_x, grad_ref, spec.ref_is_x);
+            accumulate_strip_grad(strip, x_rows, p.ref, row0, gx[0], gr[0], spec.ref_is_x);
           }
         });
   }
-
-  const at::Tensor gate = pair_loss_gated(spec.loss)
-                              ? at::logical_and(row_stats.select(1, kNumPos).sum().gt(0),
-                                                row_stats.select(1, kNumNeg).sum().gt(0))
-                                    .to(p.x.scalar_type())
-                              : at::ones({}, p.x.options());
-  at::Tensor loss;
-  if (reduction == kReductionNone) {
-    loss = row_stats.narrow(1, kSum0, 1).clone();
-    if (spec.terms() == 2) loss = at::cat({loss, row_stats.narrow(1, kSum1, 1)}, 1);
-    loss.mul_(gate);
-  } else {
-    at::Tensor scale0 = gate;
-    loss = row_stats.select(1, kSum0).sum();
-    if (reduction == kReductionMean) scale0 = gate / row_stats.select(1, kCount0).sum().clamp_min(1);
-    loss = loss * scale0;
-    at::Tensor scale1 = gate;
-    if (spec.terms() == 2) {
-      if (reduction == kReductionMean) scale1 = gate / row_stats.select(1, kCount1).sum().clamp_min(1);
-      loss = loss + row_stats.select(1, kSum1).sum() * scale1;
-    }
-    if (grads) {
-      grad_x.mul_(scale0);
-      grad_ref.mul_(scale0);
-    }
-    if (split) {
-      grad_x.add_(grad_x2[1] * scale1);
-      grad_ref.add_(grad_ref2[1] * scale1);
-    }
-  }
-  return {loss, row_stats, grad_x, grad_ref};
+  return {row_stats, grad_x, grad_ref};
 }
 
 std::tuple<at::Tensor, at::Tensor> pairwise_backward_driver(
@@ -341,8 +320,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_backward_driver(
   check_pairwise_inputs(x_in, labels_in, ref_in, ref_labels_in, spec);
   const Prepared p = prepare(x_in, labels_in, ref_in, ref_labels_in, spec);
   const int64_t B = p.x.size(0), M = p.ref.size(0), D = p.x.size(1);
-  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == B && row_stats_in.size(1) == kNumRowStats,
-              "structloss_fast: row_stats must be (B, ", kNumRowStats, ")");
+  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == B && row_stats_in.size(1) == kNumPairStats,
+              "structloss_fast: row_stats must be (B, ", kNumPairStats, ")");
   TORCH_CHECK(row_weights_in.dim() == 2 && row_weights_in.size(0) == B && row_weights_in.size(1) == spec.terms(),
               "structloss_fast: row_weights must be (B, ", spec.terms(), ")");
   const at::Tensor row_stats = row_stats_in.to(p.x.scalar_type()).contiguous();

@@ -13,11 +13,8 @@
 
 namespace structloss_fast {
 
-// Grad modes of the forward: what it computes besides the loss (mean/sum, one-term losses).
-enum GradMode : int64_t { kGradNone = 0, kGradX = 1, kGradXRef = 2 };
-
 struct PairwiseEpilogue {
-  // Fills rows [row0, row0 + S.size(0)) of row_stats (B x kNumRowStats) from the strip S.
+  // Fills rows [row0, row0 + S.size(0)) of row_stats (B x kNumPairStats) from the strip S.
   // With want_grad, overwrites S with d term0_i / d s_ij (unit weight; zero for anchors that
   // pair_loss_row_counted excludes).
   void (*forward)(at::Tensor& S, int64_t row0, const at::Tensor& labels, const at::Tensor& ref_labels,
@@ -29,13 +26,13 @@ struct PairwiseEpilogue {
   int64_t strip_elems;
 };
 
-// Returns (loss, row_stats, grad_x, grad_ref). loss is 0-d for mean/sum and (B, terms) for
-// none. With grad_mode > 0 (mean/sum of a one-term loss or of contrastive), grad_x (and
-// grad_ref for kGradXRef unless ref_is_x) hold the gradient of the reduced loss; otherwise they
-// are empty (0, D). On CPU, a strip whose gradient is sparse is accumulated from its non-zeros.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_forward_driver(
+// Returns (row_stats, grad_x, grad_ref). With grad_mode > 0, grad_x (terms, B, D) holds for
+// each term k the gradient of sum_i term_k,i (the unit-weight row sum), and so does grad_ref
+// (terms, M, D) for kGradXRef unless ref_is_x; otherwise they are empty (0, B, D) / (0, M, D).
+// On CPU, a strip whose gradient is sparse is accumulated from its non-zeros.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_forward_driver(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
-    const PairwiseSpec& spec, int64_t reduction, int64_t grad_mode, const PairwiseEpilogue& epi);
+    const PairwiseSpec& spec, int64_t grad_mode, const PairwiseEpilogue& epi);
 
 // Returns (grad_x, grad_ref) of sum_ik row_weights[i, k] * term_k,i; grad_ref is empty unless
 // ref_grad and not ref_is_x.
@@ -53,5 +50,9 @@ PairwiseSpec make_pairwise_spec(int64_t loss, at::ArrayRef<double> params, int64
 // The epilogue written with ATen ops, for any device: the CUDA backend's path for the losses
 // without a dedicated CUDA kernel (triplet mining among them), and testable on CPU.
 extern const PairwiseEpilogue kAtenEpilogue;
+
+// STRUCTLOSS_FAST_PAIRWISE_EPILOGUE=aten makes the ops use kAtenEpilogue on every device (the
+// tests run the CUDA backend's ATen path on CPU this way); unset or "kernel": the device's own.
+bool aten_epilogue_forced();
 
 }  // namespace structloss_fast

@@ -1,67 +1,22 @@
 // The per-pair math of the pairwise engine, shared by the CPU and CUDA epilogues.
 //
-// Every loss is reduced from per-anchor *terms* (spec: structloss_fast/reference/pairwise.py):
-//   mean: gate * sum_k S_k / max(C_k, 1),   sum: gate * sum_k S_k,   none: per anchor,
-// with S_k = sum over anchors of term k and C_k the count its PML reducer divides by. The
-// epilogues write, per anchor, the row statistics below; the driver reduces them.
+// Every loss is a sum of per-anchor *terms* (docs/spec/pairwise.md). The epilogues write,
+// per anchor, the row statistics of csrc/common/ids.h (PairStat): each term's value and what it
+// adds to its reducer's count; the Python glue (structloss_fast/pairwise/_ops.py) reduces them.
 #pragma once
 
+#include "ids.h"
 #include "math.h"
 
 namespace structloss_fast {
 
-// Loss identifiers: part of the op schema (the `loss` int argument). Keep in sync with
-// structloss_fast/ops/pairwise.py.
-enum PairLossKind : int64_t {
-  kCircle = 0,           // params: m, gamma
-  kUnified = 1,          // params: m, gamma
-  kMultiSimilarity = 2,  // params: alpha, beta, base
-  kSupCon = 3,           // params: temperature
-  kNTXent = 4,           // params: temperature
-  kContrastive = 5,      // params: pos_margin, neg_margin
-  kTripletAll = 6,       // params: margin
-  kTripletHard = 7,      // params: margin
-  kNumPairLosses = 8,
-};
-
-enum ReductionKind : int64_t {
-  kReductionNone = 0,
-  kReductionMean = 1,
-  kReductionSum = 2,
-};
-
-// Columns of the per-anchor statistics tensor (B x kNumRowStats).
-enum RowStat : int64_t {
-  kAux0 = 0,      // loss-specific (LSE of the positives, of all pairs, of the negatives, index of the hardest positive)
-  kAux1 = 1,      // loss-specific (LSE of the negatives, mean positive logit, NT-Xent's sum of sigmoids, hardest negative)
-  kSum0 = 2,      // term 0 of this anchor
-  kCount0 = 3,    // what term 0 adds to its reducer's count
-  kSum1 = 4,      // term 1 (contrastive: negative pairs)
-  kCount1 = 5,
-  kNumPos = 6,    // positives of this anchor (self excluded)
-  kNumNeg = 7,    // negatives of this anchor
-  kNumRowStats = 8,
-};
-
-SLF_HD int64_t pair_loss_terms(int64_t kind) { return kind == kContrastive ? 2 : 1; }
-SLF_HD int64_t pair_loss_params(int64_t kind) {
-  switch (kind) {
-    case kCircle: case kUnified: case kContrastive: return 2;
-    case kMultiSimilarity: return 3;
-    default: return 1;
-  }
-}
-// PML returns 0 for the whole batch when it has no positive or no negative pair.
-SLF_HD bool pair_loss_gated(int64_t kind) { return kind == kSupCon || kind == kNTXent; }
-// Losses averaged over non-zero per-anchor losses: an anchor whose loss is not counted gets no
-// gradient (its loss is 0 up to underflow).
-SLF_HD bool pair_loss_row_counted(int64_t kind) {
-  return kind == kCircle || kind == kUnified || kind == kSupCon || kind == kTripletHard;
-}
+SLF_HD int64_t pair_loss_terms(int64_t kind) { return pair_loss_info(kind).terms; }
+SLF_HD int64_t pair_loss_params(int64_t kind) { return pair_loss_info(kind).params; }
+SLF_HD bool pair_loss_row_counted(int64_t kind) { return pair_loss_info(kind).row_counted; }
 
 // What a pairwise op computes: the loss, its parameters, and which pairs are self-pairs.
 struct PairwiseSpec {
-  int64_t loss;         // PairLossKind
+  int64_t loss;         // PairLossKind (ids.h)
   double p[3];          // the loss's parameters, in schema order (unused ones 0)
   int64_t self_offset;  // -1: no self pairs; else anchor i is reference (self_offset + i) mod M
   bool ref_is_x;        // ref is x itself: reference gradients fold into grad_x

@@ -6,7 +6,7 @@
 // class y has its own formula), the log-sum-exp L, p_j = exp(z_j - L), q_j = 1 - p_j, and
 //     f_j = -log p_j + rho * b(p_j)                      (the Encouraging Loss of class j)
 //     row loss = (1 - ls) w_y f_y + (ls / C) sum_j w_j f_j
-// with the bonus b of ../shared/spec/softmax.md (eps clamp, conservative tangent above LE).
+// with the bonus b of docs/spec/softmax.md (eps clamp, conservative tangent above LE).
 // Its gradient is dl/dz_i = p_i S - c_i h_i, with h_k = 1 - rho p_k b'(p_k),
 // c_k = (1 - ls) w_y [k == y] + (ls / C) w_k and S = sum_k c_k h_k.
 //
@@ -18,39 +18,10 @@
 // keeps its exact target gradient (-1 at rho = 1, LE = 1) instead of p_y - 1 = 0.
 #pragma once
 
+#include "ids.h"
 #include "math.h"
 
 namespace structloss_fast {
-
-// Transform identifiers: part of the op schema (`transform`). Keep in sync with
-// structloss_fast/ops/softmax.py.
-enum SoftmaxTransform : int64_t {
-  kIdentity = 0,     // z = r (plain logits)
-  kNormFace = 1,     // z = s r
-  kCosFace = 2,      // z = s (r - m [j == y])
-  kArcFace = 3,      // z_y = s cos(theta_y + m) (theta_y <= pi - m), else s (r - m sin m)
-  kCircleClass = 4,  // z_y = g relu(1 + m - r)(r - 1 + m), z_j = g relu(r + m)(r - m)
-};
-
-// Columns of the per-row statistics (N x kNumSoftmaxStats) that the forward saves; the
-// backward writes the gradient from them in one pass.
-enum SoftmaxStat : int64_t {
-  kSmLse = 0,         // L
-  kSmRowLoss = 1,     // unreduced row loss
-  kSmS = 2,           // S = sum_k c_k h_k
-  kSmGradY = 3,       // dl/dz_y (unscaled)
-  kSmGradHi = 4,      // dl/dz of the unique largest non-target logit (label smoothing)
-  kSmMaxOther = 5,    // largest non-target logit
-  kSmCountMax = 6,    // how many non-target logits equal it
-  kSmMax = 7,         // the row's largest logit m, and
-  kSmLogSum = 8,      // log sum_k exp(z_k - m) (L = m + this; p_j = exp((z_j - m) - this) keeps
-                      // z_j - m exact instead of carrying L's rounding into every p_j)
-  kNumSoftmaxStats = 9,
-};
-
-// params (float[]) of the ops: log_end, bonus_weight, label_smoothing, eps, t0, t1 where
-// (t0, t1) = (scale, margin) for the margin heads and (gamma, m) for Circle.
-enum SoftmaxParam : int64_t { kPLogEnd = 0, kPRho = 1, kPSmooth = 2, kPEps = 3, kPT0 = 4, kPT1 = 5, kNumSoftmaxParams = 6 };
 
 template <typename T>
 SLF_HD T clamp_unit(T c) {

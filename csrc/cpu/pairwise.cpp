@@ -42,7 +42,7 @@ struct Row {
   const L* lab;
   L li;
   int64_t self_j;
-  T* stats;  // this anchor's kNumRowStats statistics
+  T* stats;  // this anchor's kNumPairStats statistics
 };
 
 // The row functions read a Row's fields into locals (s, M, lab, li, self_j) before their loops:
@@ -96,12 +96,12 @@ SLF_HD void twoset_forward(const Row<T, L> r, T* buf, const Logits& lg, const Co
   const TwoSetResult<T> res = combine(lse_p, lse_n, cnt_p > 0, cnt_n > 0);
   const bool counts = row_counted ? row_counts(res.loss) : true;
   T* st = r.stats;
-  st[kAux0] = lse_p;
-  st[kAux1] = lse_n;
-  st[kSum0] = res.loss;
-  st[kCount0] = counts ? T(1) : T(0);
-  st[kNumPos] = static_cast<T>(cnt_p);
-  st[kNumNeg] = static_cast<T>(cnt_n);
+  st[kPairAux0] = lse_p;
+  st[kPairAux1] = lse_n;
+  st[kPairSum0] = res.loss;
+  st[kPairCount0] = counts ? T(1) : T(0);
+  st[kPairNumPos] = static_cast<T>(cnt_p);
+  st[kPairNumNeg] = static_cast<T>(cnt_n);
   if (!want_grad) return;
   if (!counts) {
     std::fill(s, s + M, T(0));
@@ -123,12 +123,12 @@ template <typename T, typename L, typename Logits, typename Combine>
 SLF_HD void twoset_backward(const Row<T, L> r, const Logits& lg, const Combine& combine, bool row_counted, T w) {
   SLF_ROW_LOCALS(r);
   const T* st = r.stats;
-  const T lse_p = st[kAux0], lse_n = st[kAux1];
-  if (w == T(0) || (row_counted && st[kCount0] == T(0))) {
+  const T lse_p = st[kPairAux0], lse_n = st[kPairAux1];
+  if (w == T(0) || (row_counted && st[kPairCount0] == T(0))) {
     std::fill(s, s + M, T(0));
     return;
   }
-  const TwoSetResult<T> res = combine(lse_p, lse_n, st[kNumPos] > 0, st[kNumNeg] > 0);
+  const TwoSetResult<T> res = combine(lse_p, lse_n, st[kPairNumPos] > 0, st[kPairNumNeg] > 0);
   const T c_p = w * res.dlse_pos, c_n = w * res.dlse_neg;
 #pragma omp simd
   for (int64_t j = 0; j < M; ++j) {
@@ -176,12 +176,12 @@ SLF_HD void supcon_forward(const Row<T, L> r, T* buf, T inv_t, bool want_grad) {
   const T loss = cnt_p > 0 ? lse - mean_p : T(0);
   const bool counts = row_counts(loss);
   T* st = r.stats;
-  st[kAux0] = lse;
-  st[kAux1] = mean_p;
-  st[kSum0] = loss;
-  st[kCount0] = counts ? T(1) : T(0);
-  st[kNumPos] = static_cast<T>(cnt_p);
-  st[kNumNeg] = static_cast<T>(cnt_n);
+  st[kPairAux0] = lse;
+  st[kPairAux1] = mean_p;
+  st[kPairSum0] = loss;
+  st[kPairCount0] = counts ? T(1) : T(0);
+  st[kPairNumPos] = static_cast<T>(cnt_p);
+  st[kPairNumNeg] = static_cast<T>(cnt_n);
   if (!want_grad) return;
   if (!counts) {
     std::fill(s, s + M, T(0));
@@ -200,12 +200,12 @@ template <typename T, typename L>
 SLF_HD void supcon_backward(const Row<T, L> r, T inv_t, T w) {
   SLF_ROW_LOCALS(r);
   const T* st = r.stats;
-  if (w == T(0) || st[kCount0] == T(0)) {
+  if (w == T(0) || st[kPairCount0] == T(0)) {
     std::fill(s, s + M, T(0));
     return;
   }
-  const T lse = st[kAux0];
-  const T c_set = w * inv_t, c_pos = w * inv_t / st[kNumPos];
+  const T lse = st[kPairAux0];
+  const T c_set = w * inv_t, c_pos = w * inv_t / st[kPairNumPos];
 #pragma omp simd
   for (int64_t j = 0; j < M; ++j) {
     const bool same = lab[j] == li;
@@ -252,12 +252,12 @@ SLF_HD void ntxent_forward(const Row<T, L> r, T* buf, T inv_t, bool want_grad) {
     }
   }
   T* st = r.stats;
-  st[kAux0] = lse_n;
-  st[kAux1] = c;
-  st[kSum0] = loss;
-  st[kCount0] = static_cast<T>(cnt_p);
-  st[kNumPos] = static_cast<T>(cnt_p);
-  st[kNumNeg] = static_cast<T>(cnt_n);
+  st[kPairAux0] = lse_n;
+  st[kPairAux1] = c;
+  st[kPairSum0] = loss;
+  st[kPairCount0] = static_cast<T>(cnt_p);
+  st[kPairNumPos] = static_cast<T>(cnt_p);
+  st[kPairNumNeg] = static_cast<T>(cnt_n);
   if (!want_grad) return;
   const T c_n = cnt_n > 0 ? c * inv_t / sum_n : T(0);
 #pragma omp simd
@@ -277,7 +277,7 @@ SLF_HD void ntxent_backward(const Row<T, L> r, T inv_t, T w) {
     std::fill(s, s + M, T(0));
     return;
   }
-  const T lse_n = st[kAux0], c_n = w * st[kAux1] * inv_t;
+  const T lse_n = st[kPairAux0], c_n = w * st[kPairAux1] * inv_t;
 #pragma omp simd
   for (int64_t j = 0; j < M; ++j) {
     const bool same = lab[j] == li;
@@ -316,12 +316,12 @@ SLF_HD void contrastive_forward(const Row<T, L> r, T pos_margin, T neg_margin, b
     }
   }
   T* st = r.stats;
-  st[kSum0] = sum_p;
-  st[kCount0] = nz_p;
-  st[kSum1] = sum_n;
-  st[kCount1] = nz_n;
-  st[kNumPos] = static_cast<T>(cnt_p);
-  st[kNumNeg] = static_cast<T>(cnt_n);
+  st[kPairSum0] = sum_p;
+  st[kPairCount0] = nz_p;
+  st[kPairSum1] = sum_n;
+  st[kPairCount1] = nz_n;
+  st[kPairNumPos] = static_cast<T>(cnt_p);
+  st[kPairNumNeg] = static_cast<T>(cnt_n);
 }
 
 template <typename T, typename L>
@@ -419,10 +419,10 @@ void triplet_all_row(const Row<T, L> r, Scratch<T>& sc, T margin, bool want_stat
   }
   if (want_stats) {
     T* st = r.stats;
-    st[kSum0] = loss;
-    st[kCount0] = count;
-    st[kNumPos] = static_cast<T>(np);
-    st[kNumNeg] = static_cast<T>(nn);
+    st[kPairSum0] = loss;
+    st[kPairCount0] = count;
+    st[kPairNumPos] = static_cast<T>(np);
+    st[kPairNumNeg] = static_cast<T>(nn);
   }
   if (!want_grad) return;
   const T fill = has_nan ? std::numeric_limits<T>::quiet_NaN() : T(0);
@@ -469,12 +469,12 @@ SLF_HD void triplet_hard_row(const Row<T, L> r, T* buf, T margin, bool want_stat
   const bool counts = valid && row_counts(loss);
   if (want_stats) {
     T* st = r.stats;
-    st[kAux0] = static_cast<T>(jp);
-    st[kAux1] = static_cast<T>(jn);
-    st[kSum0] = loss;
-    st[kCount0] = counts ? T(1) : T(0);
-    st[kNumPos] = static_cast<T>(np);
-    st[kNumNeg] = static_cast<T>(nn);
+    st[kPairAux0] = static_cast<T>(jp);
+    st[kPairAux1] = static_cast<T>(jn);
+    st[kPairSum0] = loss;
+    st[kPairCount0] = counts ? T(1) : T(0);
+    st[kPairNumPos] = static_cast<T>(np);
+    st[kPairNumNeg] = static_cast<T>(nn);
   }
   if (!want_grad) return;
   std::fill(s, s + M, T(0));
@@ -498,7 +498,7 @@ struct StripArgs {
   const L* labels;
   const L* ref_labels;
   const PairwiseSpec* spec;
-  T* stats;          // (B, kNumRowStats)
+  T* stats;          // (B, kNumPairStats)
   const T* weights;  // (B, terms); backward only
   bool want_grad;    // forward only
   bool backward;
@@ -508,7 +508,7 @@ template <typename T, typename L>
 Row<T, L> row_at(const StripArgs<T, L>& a, int64_t r) {
   const int64_t i = a.row0 + r;
   return Row<T, L>{a.S + r * a.M, a.M, a.ref_labels, a.labels[i], self_column(*a.spec, i, a.M),
-                   a.stats + i * kNumRowStats};
+                   a.stats + i * kNumPairStats};
 }
 
 template <typename T, typename L, typename Logits, typename Combine>
@@ -559,7 +559,7 @@ SLF_CPU_MULTIVERSION void other_rows(const StripArgs<T, L>& a, int64_t r_begin, 
       }
       case kTripletHard:
         triplet_hard_row(row, sc.a.data(), p0, !a.backward, a.backward || a.want_grad,
-                         a.backward && row.stats[kCount0] == T(0) ? T(0) : w0);
+                         a.backward && row.stats[kPairCount0] == T(0) ? T(0) : w0);
         break;
       default:
         TORCH_CHECK(false, "structloss_fast: loss ", spec.loss, " has no CPU epilogue");
@@ -650,32 +650,25 @@ std::pair<at::Tensor, at::Tensor> compact_labels(const at::Tensor& labels, const
   return {labels.contiguous(), ref_labels.contiguous()};
 }
 
-// epilogue: "kernel" (this file's loops) or "aten" (the device-independent ATen epilogue,
-// exposed on CPU so that the CUDA backend's logic is tested here).
-const PairwiseEpilogue& pick(c10::string_view epilogue) {
-  if (epilogue == "aten") return kAtenEpilogue;
-  TORCH_CHECK(epilogue == "kernel" || epilogue == "auto", "structloss_fast: unknown epilogue '", epilogue, "'");
-  return kCpuEpilogue;
-}
+const PairwiseEpilogue& pick() { return aten_epilogue_forced() ? kAtenEpilogue : kCpuEpilogue; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_loss_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_cpu(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
-    int64_t self_offset, bool ref_is_x, int64_t loss, at::ArrayRef<double> params, int64_t reduction,
-    int64_t grad_mode, c10::string_view epilogue) {
+    int64_t self_offset, bool ref_is_x, int64_t loss, at::ArrayRef<double> params, int64_t grad_mode) {
   const PairwiseSpec spec = make_pairwise_spec(loss, params, self_offset, ref_is_x);
   check_pairwise_inputs(x, labels, ref, ref_labels, spec);
   auto [lab, ref_lab] = compact_labels(labels, ref_labels);
-  return pairwise_forward_driver(x, lab, ref, ref_lab, spec, reduction, grad_mode, pick(epilogue));
+  return pairwise_forward_driver(x, lab, ref, ref_lab, spec, grad_mode, pick());
 }
 
 std::tuple<at::Tensor, at::Tensor> pairwise_loss_backward_cpu(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
     const at::Tensor& row_stats, const at::Tensor& row_weights, int64_t self_offset, bool ref_is_x, int64_t loss,
-    at::ArrayRef<double> params, bool ref_grad, c10::string_view epilogue) {
+    at::ArrayRef<double> params, bool ref_grad) {
   const PairwiseSpec spec = make_pairwise_spec(loss, params, self_offset, ref_is_x);
   check_pairwise_inputs(x, labels, ref, ref_labels, spec);
   auto [lab, ref_lab] = compact_labels(labels, ref_labels);
-  return pairwise_backward_driver(x, lab, ref, ref_lab, row_stats, row_weights, spec, ref_grad, pick(epilogue));
+  return pairwise_backward_driver(x, lab, ref, ref_lab, row_stats, row_weights, spec, ref_grad, pick());
 }
 
 }  // namespace

@@ -33,7 +33,6 @@ using seal::Philox4;
 using seal::philox4x32_10;
 using seal::softplus_sigmoid;
 
-constexpr int64_t kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;
 constexpr int64_t kHiddenBlock = 16;  // H is padded to a multiple of this (zero columns)
 
 template <typename T>
@@ -559,40 +558,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_examples(const Pr
   return {grad_unary, grad_weight, grad_bias, grad_out};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seal_nce_loss_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> seal_nce_loss_cpu(
     const at::Tensor& unary, const at::Tensor& probs, const at::Tensor& labels, const at::Tensor& global_weight,
     const at::Tensor& global_bias, const at::Tensor& global_out, const at::Tensor& seed,
-    const c10::optional<at::Tensor>& samples, int64_t num_samples, bool use_logq, int64_t reduction,
-    bool compute_grad) {
-  TORCH_CHECK(reduction == kReductionNone || reduction == kReductionMean || reduction == kReductionSum,
-              "structloss_fast: unknown reduction id ", reduction);
-  TORCH_CHECK(!(compute_grad && reduction == kReductionNone),
-              "structloss_fast: compute_grad is for mean/sum; 'none' recomputes in backward");
+    const c10::optional<at::Tensor>& samples, int64_t num_samples, bool use_logq, bool compute_grad) {
   const Prepared r = prepare(unary, probs, labels, global_weight, global_bias, global_out, seed, samples, num_samples);
   const auto opts = r.unary.options();
   at::Tensor stats = at::empty({r.B, r.K + 2}, opts);
-  at::Tensor loss, gu, gw, gb, gc;
+  at::Tensor gu, gw, gb, gc;
   AT_DISPATCH_FLOATING_TYPES(r.unary.scalar_type(), "structloss_fast_seal_nce_cpu", [&] {
     const NceProblem<scalar_t> P = problem_of<scalar_t>(r, use_logq);
-    const scalar_t w_row = reduction == kReductionMean ? scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(r.B, 1))
-                                                       : scalar_t(1);
-    std::tie(gu, gw, gb, gc) = run_examples<scalar_t>(r, P, stats, compute_grad, [w_row](int64_t) { return w_row; });
+    // The gradients of the unit-weight sum over examples; the Python glue scales them.
+    std::tie(gu, gw, gb, gc) = run_examples<scalar_t>(r, P, stats, compute_grad, [](int64_t) { return scalar_t(1); });
   });
-  at::Tensor rows = stats.select(1, r.K + 1) - stats.select(1, 0);
-  if (reduction == kReductionNone) {
-    loss = rows;
-  } else if (reduction == kReductionSum) {
-    loss = rows.sum();
-  } else {
-    loss = rows.mean();
-  }
   if (!compute_grad) {
     gu = at::empty({0, r.L}, opts);
     gw = at::empty({0, r.L}, opts);
     gb = at::empty({0}, opts);
     gc = at::empty({0}, opts);
   }
-  return {loss, stats, gu, gw, gb, gc};
+  return {stats, gu, gw, gb, gc};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seal_nce_loss_backward_cpu(

@@ -29,7 +29,6 @@ using at::Tensor;
 
 constexpr int64_t kBlock = 1024;  // elements of one online-softmax block (4 KiB of float)
 
-enum SmReduction : int64_t { kSmNone = 0, kSmMean = 1, kSmSum = 2 };
 
 // Running statistics of the non-target logits of a row: max m, sum of exp(z - m) over the
 // elements below m, and how many equal m (kept apart so that the largest class's 1 - p can be
@@ -403,21 +402,15 @@ void check_params(int64_t transform, at::ArrayRef<double> params) {
   TORCH_CHECK(params[kPSmooth] >= 0.0 && params[kPSmooth] <= 1.0, "structloss_fast: label_smoothing must be in [0, 1]");
 }
 
-// Checks every target is a class index or ignore_index, and returns the "mean" denominator:
-// the sum of the class weights of the non-ignored targets (1 when that is 0, so that an
-// all-ignored batch gives 0).
-template <typename T>
-T check_targets_and_denominator(const Tensor& target, int64_t C, int64_t ignore_index, const T* cw) {
+// Checks every target is a class index or ignore_index.
+void check_targets(const Tensor& target, int64_t C, int64_t ignore_index) {
   const int64_t* t = target.data_ptr<int64_t>();
-  double denom = 0.0;
   for (int64_t i = 0, n = target.numel(); i < n; ++i) {
     const int64_t y = t[i];
     if (y == ignore_index) continue;
     TORCH_CHECK_INDEX(y >= 0 && y < C, "structloss_fast: target ", y, " at position ", i, " is out of range for ", C,
                       " classes (and is not ignore_index=", ignore_index, ")");
-    denom += static_cast<double>(cw[y]);
   }
-  return static_cast<T>(denom == 0.0 ? 1.0 : denom);
 }
 
 Tensor class_weights_or_ones(const std::optional<Tensor>& class_weight, int64_t C, at::ScalarType acc) {
@@ -428,23 +421,14 @@ Tensor class_weights_or_ones(const std::optional<Tensor>& class_weight, int64_t 
   return at::ones({C}, at::TensorOptions().dtype(acc));
 }
 
-Tensor reduce_loss(const Tensor& row_loss, int64_t reduction, double denom, at::ScalarType out_dtype) {
-  if (reduction == kSmNone) return row_loss.to(out_dtype, /*non_blocking=*/false, /*copy=*/true);
-  Tensor total = row_loss.sum();
-  if (reduction == kSmMean) total = total / denom;
-  return total.to(out_dtype);
-}
-
 // ---------------------------------------------------------------- softmax_loss
 
-std::tuple<Tensor, Tensor, Tensor> softmax_loss_cpu(const Tensor& logits_in, const Tensor& target_in,
-                                                    const std::optional<Tensor>& class_weight, int64_t ignore_index,
-                                                    int64_t transform, at::ArrayRef<double> params, int64_t reduction,
-                                                    bool compute_grad) {
+std::tuple<Tensor, Tensor> softmax_loss_cpu(const Tensor& logits_in, const Tensor& target_in,
+                                            const std::optional<Tensor>& class_weight, int64_t ignore_index,
+                                            int64_t transform, at::ArrayRef<double> params, bool compute_grad) {
   TORCH_CHECK(logits_in.dim() == 2, "structloss_fast: softmax_loss takes (N, C) logits");
   TORCH_CHECK(target_in.dim() == 1 && target_in.size(0) == logits_in.size(0), "structloss_fast: target must be (N,)");
   TORCH_CHECK(target_in.scalar_type() == at::kLong, "structloss_fast: target must be int64");
-  TORCH_CHECK(reduction >= kSmNone && reduction <= kSmSum, "structloss_fast: unknown reduction id ", reduction);
   check_params(transform, params);
   const Tensor logits = logits_in.contiguous();
   const Tensor target = target_in.contiguous();
@@ -454,11 +438,10 @@ std::tuple<Tensor, Tensor, Tensor> softmax_loss_cpu(const Tensor& logits_in, con
   Tensor stats = at::empty({N, kNumSoftmaxStats}, logits.options().dtype(acc));
   Tensor grad = at::empty({compute_grad ? N : 0, C}, logits.options());
   Tensor cw = class_weights_or_ones(class_weight, C, acc);
-  Tensor loss;
+  check_targets(target, C, ignore_index);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "structloss_fast_softmax_loss", [&] {
     using In = scalar_t;
     using T = at::opmath_type<scalar_t>;
-    const T denom = check_targets_and_denominator<T>(target, C, ignore_index, cw.data_ptr<T>());
     const Transform<T> tr(transform, static_cast<T>(params[kPT0]), static_cast<T>(params[kPT1]));
     const ElParams<T> el(params[kPLogEnd], params[kPRho], params[kPSmooth], params[kPEps]);
     RowsArgs<In, T, In> a{logits.data_ptr<In>(), compute_grad ? grad.data_ptr<In>() : nullptr, C, C, C,
@@ -468,9 +451,8 @@ std::tuple<Tensor, Tensor, Tensor> softmax_loss_cpu(const Tensor& logits_in, con
       constexpr int64_t K = decltype(k)::value;
       at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) { forward_rows<K>(a, b, e); });
     });
-    loss = reduce_loss(stats.select(1, kSmRowLoss), reduction, static_cast<double>(denom), logits.scalar_type());
   });
-  return {loss, stats, grad};
+  return {stats, grad};
 }
 
 Tensor softmax_loss_backward_cpu(const Tensor& logits_in, const Tensor& target_in,
@@ -492,10 +474,10 @@ Tensor softmax_loss_backward_cpu(const Tensor& logits_in, const Tensor& target_i
   const Tensor row_w = row_weights_in.to(acc).contiguous();
   Tensor grad = at::empty({N, C}, logits.options());
   Tensor cw = class_weights_or_ones(class_weight, C, acc);
+  check_targets(target, C, ignore_index);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "structloss_fast_softmax_loss_bwd", [&] {
     using In = scalar_t;
     using T = at::opmath_type<scalar_t>;
-    check_targets_and_denominator<T>(target, C, ignore_index, cw.data_ptr<T>());
     const Transform<T> tr(transform, static_cast<T>(params[kPT0]), static_cast<T>(params[kPT1]));
     const ElParams<T> el(params[kPLogEnd], params[kPRho], params[kPSmooth], params[kPEps]);
     RowsArgs<In, T, In> a{logits.data_ptr<In>(), grad.data_ptr<In>(), C, C, C, target.data_ptr<int64_t>(),
@@ -548,8 +530,8 @@ struct LinearSpec {
   std::array<bool, 3> grad_mask;  // input, weight, bias
 };
 
-// The chunk loop shared by the forward (backward_mode = false: statistics, loss and, with
-// any grad_mask bit, the gradients of the reduced loss) and the recomputing backward
+// The chunk loop shared by the forward (backward_mode = false: statistics and, with any
+// grad_mask bit, the gradients of the unit-weight sum of the row losses) and the recomputing backward
 // (backward_mode = true: gradients of sum_i row_weights[i] l_i from the saved statistics).
 template <typename T, int64_t K>
 void linear_driver(const Tensor& x, const Tensor& W, const Tensor& b, const Tensor& target, const T* cw,
@@ -681,11 +663,11 @@ void check_linear_inputs(const Tensor& input, const Tensor& weight, const std::o
               "structloss_fast: target must be (N,) int64");
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_run(
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_run(
     const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& target,
     const std::optional<Tensor>& class_weight, const std::optional<Tensor>& row_weights,
     const std::optional<Tensor>& row_stats_in, int64_t ignore_index, int64_t transform, at::ArrayRef<double> params,
-    int64_t reduction, std::array<bool, 3> grad_mask, int64_t row_chunk, int64_t class_tile, bool backward_mode) {
+    std::array<bool, 3> grad_mask, int64_t row_chunk, int64_t class_tile, bool backward_mode) {
   check_linear_inputs(input, weight, bias, target);
   check_params(transform, params);
   const int64_t N = input.size(0), H = input.size(1), C = weight.size(0);
@@ -702,23 +684,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_run(
   const Tensor b = has_bias ? bias->to(acc).contiguous() : Tensor();
   const Tensor tgt = target.contiguous();
   Tensor cw = class_weights_or_ones(class_weight, C, acc);
+  check_targets(tgt, C, ignore_index);
   Tensor stats = backward_mode ? row_stats_in->to(acc).contiguous() : at::empty({N, kNumSoftmaxStats}, x.options());
   Tensor gx = at::zeros({grad_mask[0] ? N : 0, H}, x.options());
   Tensor gW = at::zeros({grad_mask[1] ? C : 0, H}, x.options());
   Tensor gb = at::zeros({grad_mask[2] ? C : 0}, x.options());
-  Tensor loss;
   const Chunking ch = choose_chunking(N, C, row_chunk, class_tile);
   LinearSpec spec{ignore_index, transform, grad_mask};
+  // The forward's gradients are of the unit-weight sum; the backward's of sum_i row_weights[i] l_i.
+  Tensor row_scale;
+  if (backward_mode) {
+    TORCH_CHECK(row_weights->dim() == 1 && row_weights->size(0) == N, "structloss_fast: row_weights must be (N,)");
+    row_scale = row_weights->to(acc).contiguous();
+  } else {
+    row_scale = at::ones({N}, x.options());
+  }
   AT_DISPATCH_FLOATING_TYPES(acc, "structloss_fast_linear_softmax_loss", [&] {
     using T = scalar_t;
-    const T denom = check_targets_and_denominator<T>(tgt, C, ignore_index, cw.data_ptr<T>());
-    Tensor row_scale;
-    if (backward_mode) {
-      TORCH_CHECK(row_weights->dim() == 1 && row_weights->size(0) == N, "structloss_fast: row_weights must be (N,)");
-      row_scale = row_weights->to(acc).contiguous();
-    } else {
-      row_scale = at::full({N}, reduction == kSmMean ? 1.0 / static_cast<double>(denom) : 1.0, x.options());
-    }
     const Transform<T> tr(transform, static_cast<T>(params[kPT0]), static_cast<T>(params[kPT1]));
     const ElParams<T> el(params[kPLogEnd], params[kPRho], params[kPSmooth], params[kPEps]);
     if (N > 0) {
@@ -728,23 +710,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_run(
                             gx, gW, gb);
       });
     }
-    if (!backward_mode) {
-      loss = reduce_loss(stats.select(1, kSmRowLoss), reduction, static_cast<double>(denom), dt);
-    }
   });
-  if (!loss.defined()) loss = at::empty({0}, input.options());
-  return {loss, stats, gx.to(dt), gW.to(dt), gb.to(dt)};
+  return {stats, gx.to(dt), gW.to(dt), gb.to(dt)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_softmax_loss_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_softmax_loss_cpu(
     const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& target,
     const std::optional<Tensor>& class_weight, int64_t ignore_index, int64_t transform, at::ArrayRef<double> params,
-    int64_t reduction, std::array<bool, 3> grad_mask, int64_t row_chunk, int64_t class_tile) {
-  TORCH_CHECK(reduction >= kSmNone && reduction <= kSmSum, "structloss_fast: unknown reduction id ", reduction);
-  TORCH_CHECK(reduction != kSmNone || !(grad_mask[0] || grad_mask[1] || grad_mask[2]),
-              "structloss_fast: forward gradients are for mean/sum; 'none' recomputes them in backward");
+    std::array<bool, 3> grad_mask, int64_t row_chunk, int64_t class_tile) {
   return linear_run(input, weight, bias, target, class_weight, std::nullopt, std::nullopt, ignore_index, transform,
-                    params, reduction, grad_mask, row_chunk, class_tile, false);
+                    params, grad_mask, row_chunk, class_tile, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_softmax_loss_backward_cpu(
@@ -755,8 +730,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_softmax_loss_backward_cpu(
   TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == input.size(0) && row_stats.size(1) == kNumSoftmaxStats,
               "structloss_fast: row_stats must be (N, ", kNumSoftmaxStats, ")");
   auto out = linear_run(input, weight, bias, target, class_weight, row_weights, row_stats, ignore_index, transform,
-                        params, kSmSum, grad_mask, row_chunk, class_tile, true);
-  return {std::get<2>(out), std::get<3>(out), std::get<4>(out)};
+                        params, grad_mask, row_chunk, class_tile, true);
+  return {std::get<1>(out), std::get<2>(out), std::get<3>(out)};
 }
 
 }  // namespace

@@ -74,13 +74,13 @@ __global__ void twoset_forward_kernel(T* __restrict__ S, int64_t M, int64_t row0
   const TwoSetResult<T> res = combine(lse_p, lse_n, cnt_p > 0, cnt_n > 0);
   const bool counts = row_counted ? row_counts(res.loss) : true;
   if (threadIdx.x == 0) {
-    T* st = stats + i * kNumRowStats;
-    st[kAux0] = lse_p;
-    st[kAux1] = lse_n;
-    st[kSum0] = res.loss;
-    st[kCount0] = counts ? T(1) : T(0);
-    st[kNumPos] = cnt_p;
-    st[kNumNeg] = cnt_n;
+    T* st = stats + i * kNumPairStats;
+    st[kPairAux0] = lse_p;
+    st[kPairAux1] = lse_n;
+    st[kPairSum0] = res.loss;
+    st[kPairCount0] = counts ? T(1) : T(0);
+    st[kPairNumPos] = cnt_p;
+    st[kPairNumNeg] = cnt_n;
   }
   if (!want_grad) return;
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
@@ -101,11 +101,11 @@ __global__ void twoset_backward_kernel(T* __restrict__ S, int64_t M, int64_t row
   T* s = S + r * M;
   const L li = labels[i];
   const int64_t self_j = self_column(spec, i, M);
-  const T* st = stats + i * kNumRowStats;
-  const T lse_p = st[kAux0], lse_n = st[kAux1];
+  const T* st = stats + i * kNumPairStats;
+  const T lse_p = st[kPairAux0], lse_n = st[kPairAux1];
   const T w = weights[i];
-  const bool active = w != T(0) && (!row_counted || st[kCount0] != T(0));
-  const TwoSetResult<T> res = combine(lse_p, lse_n, st[kNumPos] > 0, st[kNumNeg] > 0);
+  const bool active = w != T(0) && (!row_counted || st[kPairCount0] != T(0));
+  const TwoSetResult<T> res = combine(lse_p, lse_n, st[kPairNumPos] > 0, st[kPairNumNeg] > 0);
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
     const T sj = s[j];
     const bool same = ref_labels[j] == li, pos = same && j != self_j;
@@ -190,32 +190,25 @@ constexpr int64_t kCudaStripElems = int64_t(1) << 26;
 const PairwiseEpilogue kCudaEpilogue{&cuda_forward, &cuda_backward, kCudaStripElems};
 
 // The dedicated kernel where one exists (two-set losses), else the ATen epilogue.
-const PairwiseEpilogue& pick(int64_t loss, c10::string_view epilogue) {
-  TORCH_CHECK(epilogue == "auto" || epilogue == "kernel" || epilogue == "aten", "structloss_fast: unknown epilogue '",
-              epilogue, "'");
-  if (epilogue == "aten") return kAtenEpilogue;
-  TORCH_CHECK(epilogue == "auto" || has_cuda_kernel(loss), "structloss_fast: pairwise loss ", loss,
-              " has no dedicated CUDA kernel (epilogue='aten' or 'auto')");
-  return has_cuda_kernel(loss) ? kCudaEpilogue : kAtenEpilogue;
+const PairwiseEpilogue& pick(int64_t loss) {
+  return (has_cuda_kernel(loss) && !aten_epilogue_forced()) ? kCudaEpilogue : kAtenEpilogue;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pairwise_loss_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_cuda(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
-    int64_t self_offset, bool ref_is_x, int64_t loss, at::ArrayRef<double> params, int64_t reduction,
-    int64_t grad_mode, c10::string_view epilogue) {
+    int64_t self_offset, bool ref_is_x, int64_t loss, at::ArrayRef<double> params, int64_t grad_mode) {
   const c10::cuda::CUDAGuard guard(x.device());
   const PairwiseSpec spec = make_pairwise_spec(loss, params, self_offset, ref_is_x);
-  return pairwise_forward_driver(x, labels, ref, ref_labels, spec, reduction, grad_mode, pick(loss, epilogue));
+  return pairwise_forward_driver(x, labels, ref, ref_labels, spec, grad_mode, pick(loss));
 }
 
 std::tuple<at::Tensor, at::Tensor> pairwise_loss_backward_cuda(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
     const at::Tensor& row_stats, const at::Tensor& row_weights, int64_t self_offset, bool ref_is_x, int64_t loss,
-    at::ArrayRef<double> params, bool ref_grad, c10::string_view epilogue) {
+    at::ArrayRef<double> params, bool ref_grad) {
   const c10::cuda::CUDAGuard guard(x.device());
   const PairwiseSpec spec = make_pairwise_spec(loss, params, self_offset, ref_is_x);
-  return pairwise_backward_driver(x, labels, ref, ref_labels, row_stats, row_weights, spec, ref_grad,
-                                  pick(loss, epilogue));
+  return pairwise_backward_driver(x, labels, ref, ref_labels, row_stats, row_weights, spec, ref_grad, pick(loss));
 }
 
 }  // namespace

@@ -7,8 +7,8 @@ Every (case, provider, size) is measured in a fresh subprocess (structloss_fast.
 so that its peak memory is its own: peak RSS above the RSS after the inputs were built on
 CPU, torch.cuda.max_memory_allocated above the inputs on GPU.
 
-`python -m structloss_fast bench` runs the suite (see runner.py); bench/test_bench_*.py run
-the same providers under pytest-benchmark.
+`python -m structloss_fast bench` runs the suite (see runner.py); bench/test_bench.py runs the
+same providers under pytest-benchmark (`pytest_parametrize` / `pytest_run` below).
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from typing import Callable, Optional
 
 Setup = Callable[[dict, "object"], Callable[[], object]]
 
-# Families whose cases are part of the suite, in the order they are run.
-FAMILIES = ("pairwise", "softmax", "jem", "taskmet", "seal")
+from .. import FAMILIES  # the suite's families, in the order they are run
 
 
 @dataclasses.dataclass
@@ -29,7 +28,7 @@ class Case:
     description: str
     providers: dict[str, Setup]
     sizes: list[dict]                    # default run (the whole suite fits in about 3 minutes on 2 cores)
-    full_sizes: list[dict] = dataclasses.field(default_factory=list)  # --full: the issues' targets
+    full_sizes: list[dict] = dataclasses.field(default_factory=list)  # --full: the target sizes (docs/<family>.md)
     ours: tuple[str, ...] = ("structloss_fast",)
     # Providers shown for reference but not counted as peers (e.g. a GEMM floor).
     reference_points: tuple[str, ...] = ()
@@ -86,3 +85,48 @@ def fwd_bwd_provider(make_inputs, loss_fn):
         return run
 
     return setup
+
+
+# ---------------------------------------------------------------- pytest-benchmark
+
+
+def bench_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_parametrize(families=FAMILIES):
+    """pytest parametrization over every (case, provider, size) of the default suite, with ids
+    `<family>/<case>-<provider>-<size>` (select with -k)."""
+    import pytest
+
+    device = bench_device()
+    params = [
+        pytest.param(case, provider, size, id=f"{case.key}-{provider}-{size_label(size)}")
+        for case in load_cases(families).values() if device in case.devices
+        for size in case.sizes for provider in case.providers
+    ]
+    return pytest.mark.parametrize("case,provider,size", params)
+
+
+def pytest_run(benchmark, case: Case, provider: str, size: dict) -> None:
+    """One pytest-benchmark measurement (warm-up, then 3 rounds) of a provider's step."""
+    import pytest
+    import torch
+
+    device = bench_device()
+    reason = case.skip_reason(provider, size, device)
+    if reason:
+        pytest.skip(reason)
+    try:
+        run = case.providers[provider](size, torch.device(device))
+    except ImportError as exc:  # a peer that is not installed
+        pytest.skip(str(exc))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        run()
+        sync()
+
+    benchmark.pedantic(step, warmup_rounds=1, rounds=3, iterations=1)

@@ -95,7 +95,7 @@ N_STEPS, BUFFER = 20, 10000
 
 
 def _digits_model(size, device):
-    from ..jem_models import SmallCNN
+    from ..jem.models import SmallCNN
 
     torch.set_num_threads(size.get("threads", torch.get_num_threads()))
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ def _slf(name, backend="auto", **kw):
 
 def _reference(name, **kw):
     def call(x, y):
-        from structloss_fast.reference import pairwise as ref
+        from structloss_fast.pairwise import reference as ref
 
         return getattr(ref, name)(x, y, **kw)
 
@@ -137,7 +137,7 @@ def pml_skip(limits):
 
 
 # PML's defaults, no miner, each loss at a default size that PML handles in a few seconds and at
-# the target B = 8192 with --full.
+# the target size B = 8192 with --full.
 for _name, _pml_name, _fn, _kw, _default_b, _pml_limit in [
     ("multi_similarity_loss", "MultiSimilarityLoss", "multi_similarity_loss", {}, 2048, 10**9),
     ("supcon_loss", "SupConLoss", "supcon_loss", {}, 2048, 10**9),

@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     ap.add_argument("--family", action="append", choices=FAMILIES, help="run only these families (repeatable)")
     ap.add_argument("--case", action="append", help="run only these cases, e.g. pairwise/circle_loss (repeatable)")
     ap.add_argument("--provider", action="append", help="run only these providers (repeatable)")
-    ap.add_argument("--full", action="store_true", help="the target sizes of the issues (slow: minutes per case)")
+    ap.add_argument("--full", action="store_true", help="the target sizes of every case (slow: minutes per case)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", default=None, help="results directory (default bench/results/local/<time>)")
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds of repeats per measurement")

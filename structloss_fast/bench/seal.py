@@ -84,7 +84,7 @@ register(Case(
 def train_step_provider(kind: str):
     def setup(size, device):
         import structloss_fast as slf
-        from structloss_fast import seal_train as T
+        from structloss_fast.seal import train as T
 
         torch.manual_seed(0)
         F_, L, Hd, B, K = size["features"], size["L"], size["hidden"], size["batch"], size["K"]

@@ -6,7 +6,7 @@ case and beside the composite linear + EL; CosFace beside pytorch-metric-learnin
 The composite providers keep several (N, C) temporaries alive: their estimated footprint is
 checked against SLF_BENCH_MAX_GB (default 6, for a shared 24 GB machine); a larger one is
 skipped with the estimate as the reason. Set SLF_BENCH_MAX_GB=20 on a quiet machine to run the
-issue's full-size comparisons.
+full-size comparisons.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _el(backend="auto", **kw):
 
 
 def _composite_el(x, y):
-    from structloss_fast.reference import softmax as ref
+    from structloss_fast.softmax import reference as ref
 
     return ref.encouraging_loss(x, y)
 
@@ -108,7 +108,7 @@ def _linear_el(**kw):
 
 
 def _composite_linear_el(x, W, b, y):
-    from structloss_fast.reference import softmax as ref
+    from structloss_fast.softmax import reference as ref
 
     return ref.linear_encouraging_loss(x, W, y, b)
 
@@ -161,7 +161,7 @@ def _cosface(fused: bool):
 
         def run():
             head(x, y).backward()
-            x.grad = head.weight.grad = None
+            x.grad = head.proxies.grad = None
 
         return run
 

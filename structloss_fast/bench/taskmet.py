@@ -216,7 +216,7 @@ def _cubic_step(kind):
 
     def setup(size, device):
         from ..taskmet import implicit_argmin, unrolled_argmin
-        from ..taskmet_tasks import CubicTopK
+        from ..taskmet.tasks import CubicTopK
 
         torch.manual_seed(0)
         task = CubicTopK(0)

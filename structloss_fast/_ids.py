@@ -1,0 +1,124 @@
+"""Every identifier shared with the C++ kernels, mirrored from csrc/common/ids.h.
+
+tests/test_ids.py parses that header and checks these enums against it (names, values and the
+per-loss facts), so the two cannot drift. Triton kernels use them as named `tl.constexpr`
+constants (see each family's _triton.py), never as bare numbers.
+"""
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+
+class PairLoss(enum.IntEnum):
+    """The `loss` argument of structloss_fast::pairwise_loss (C++ PairLossKind)."""
+
+    CIRCLE = 0
+    UNIFIED = 1
+    MULTI_SIMILARITY = 2
+    SUP_CON = 3
+    NT_XENT = 4
+    CONTRASTIVE = 5
+    TRIPLET_ALL = 6
+    TRIPLET_HARD = 7
+
+
+class PairLossInfo(NamedTuple):
+    terms: int         # the loss is the sum of this many terms, each with its own reducer count
+    params: int        # how many float parameters it takes
+    gated: bool        # 0 for a batch without any positive or any negative pair
+    row_counted: bool  # an anchor counts for the reducer only when its term is non-zero
+
+
+PAIR_LOSS_INFO = {
+    PairLoss.CIRCLE: PairLossInfo(1, 2, False, True),
+    PairLoss.UNIFIED: PairLossInfo(1, 2, False, True),
+    PairLoss.MULTI_SIMILARITY: PairLossInfo(1, 3, False, False),
+    PairLoss.SUP_CON: PairLossInfo(1, 1, True, True),
+    PairLoss.NT_XENT: PairLossInfo(1, 1, True, False),
+    PairLoss.CONTRASTIVE: PairLossInfo(2, 2, False, False),
+    PairLoss.TRIPLET_ALL: PairLossInfo(1, 1, False, False),
+    PairLoss.TRIPLET_HARD: PairLossInfo(1, 1, False, True),
+}
+
+
+class PairStat(enum.IntEnum):
+    """Columns of the pairwise row statistics (C++ PairStat, prefix kPair)."""
+
+    AUX0 = 0
+    AUX1 = 1
+    SUM0 = 2
+    COUNT0 = 3
+    SUM1 = 4
+    COUNT1 = 5
+    NUM_POS = 6
+    NUM_NEG = 7
+
+
+# Per term k: the column of its per-anchor value and of its reducer count.
+PAIR_TERM_SUM = (PairStat.SUM0, PairStat.SUM1)
+PAIR_TERM_COUNT = (PairStat.COUNT0, PairStat.COUNT1)
+
+
+class PairGradMode(enum.IntEnum):
+    """The `grad_mode` argument of pairwise_loss (C++ PairGradMode, prefix kGrad)."""
+
+    NONE = 0
+    X = 1
+    X_REF = 2
+
+
+class SoftmaxTransform(enum.IntEnum):
+    """The `transform` argument of the softmax ops."""
+
+    IDENTITY = 0
+    NORM_FACE = 1
+    COS_FACE = 2
+    ARC_FACE = 3
+    CIRCLE_CLASS = 4
+
+
+class SoftmaxStat(enum.IntEnum):
+    """Columns of the softmax row statistics (C++ SoftmaxStat, prefix kSm)."""
+
+    LSE = 0
+    ROW_LOSS = 1
+    S = 2
+    GRAD_Y = 3
+    GRAD_HI = 4
+    MAX_OTHER = 5
+    COUNT_MAX = 6
+    MAX = 7
+    LOG_SUM = 8
+
+
+class SoftmaxParam(enum.IntEnum):
+    """Positions in the `params` list of the softmax ops (C++ SoftmaxParam, prefix kP)."""
+
+    LOG_END = 0
+    RHO = 1
+    SMOOTH = 2
+    EPS = 3
+    T0 = 4
+    T1 = 5
+
+
+class CGStatus(enum.IntEnum):
+    """The per-column status output of the conjugate-gradient ops."""
+
+    RUNNING = 0
+    CONVERGED = 1
+    NEGATIVE_CURVATURE = 2
+    BREAKDOWN = 3
+
+
+# C++ enum name -> (Python enum, prefix of its enumerators after the leading "k").
+CXX_ENUMS = {
+    "PairLossKind": (PairLoss, ""),
+    "PairStat": (PairStat, "Pair"),
+    "PairGradMode": (PairGradMode, "Grad"),
+    "SoftmaxTransform": (SoftmaxTransform, ""),
+    "SoftmaxStat": (SoftmaxStat, "Sm"),
+    "SoftmaxParam": (SoftmaxParam, "P"),
+    "CGStatus": (CGStatus, ""),
+}

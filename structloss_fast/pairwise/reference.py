@@ -1,0 +1,210 @@
+"""Pairwise losses, by definition (docs/spec/pairwise.md).
+
+Dense B x M matrices, plain autograd, in the input's dtype. Semantics are
+pytorch-metric-learning's (PML 2.x: CosineSimilarity or LpDistance on F.normalize'd embeddings,
+self-pairs excluded when no references are given, Circle's alphas detached, each class's
+default reducer) with two deliberate differences:
+- a NaN loss term is kept by the "average over non-zero losses" reductions (PML's `loss > 0`
+  filter drops it), so that non-finite input gives a non-finite loss;
+- PML returns 0 for pair losses whenever every index list has at most one pair (e.g. one
+  anchor against two references); here every anchor with a positive and a negative counts.
+
+Every loss is reduced from per-anchor *terms*: a loss is
+    gate * sum_k (sum_i term_k[i]) / count_k            ("mean"; count_k = 1 when 0)
+    gate * sum_k (sum_i term_k[i])                      ("sum")
+and "none" returns sum_k term_k[i] per anchor. `count_k` is what the PML reducer divides by:
+non-zero row losses (AvgNonZeroReducer on element losses), all rows (MeanReducer), all positive
+pairs (NT-Xent), non-zero pair / triplet losses. `gate` is 0 when PML returns zero for the batch
+as a whole (SupCon and NT-Xent without any positive or any negative pair).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cosine_similarity(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, p=2, dim=1, eps=1e-12) @ F.normalize(ref, p=2, dim=1, eps=1e-12).T
+
+
+def distance_from_similarity(s: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance of unit vectors, ||a - b|| = sqrt(2 - 2 a.b), with the gradient that
+    torch.cdist gives at zero distance (0)."""
+    sq = (2 - 2 * s).clamp_min(0)
+    safe = torch.where(sq > 0, sq, torch.ones_like(sq))
+    return torch.where(sq > 0, safe.sqrt(), torch.zeros_like(sq))
+
+
+def pair_masks(labels, ref_labels, self_index=None):
+    """(positives, negatives) as B x M bool masks. self_index[i] is the reference column of
+    anchor i itself (excluded from the positives), or None."""
+    same = labels[:, None] == ref_labels[None, :]
+    pos = same.clone()
+    if self_index is not None:
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        pos[rows, self_index] = False
+    return pos, ~same
+
+
+def masked_logsumexp(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row-wise log-sum-exp over the masked entries; -inf for a row with none."""
+    return a.masked_fill(~mask, float("-inf")).logsumexp(dim=1)
+
+
+def softplus_exact(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(x)) without a threshold (PML's log-sum-exp with an added zero)."""
+    return torch.logaddexp(x, torch.zeros_like(x))
+
+
+def counts_nonzero(v: torch.Tensor) -> torch.Tensor:
+    """1 where a loss term counts for AvgNonZeroReducer (> 0, or NaN)."""
+    return (~(v <= 0)).to(v.dtype)
+
+
+def reduce_terms(terms, counts, reduction, gate=None):
+    """terms, counts: lists of (B,) tensors, one per term."""
+    if reduction == "none":
+        out = sum(terms)
+        return out if gate is None else out * gate
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    total = 0
+    for t, c in zip(terms, counts):
+        s = t.sum()
+        total = total + (s / c.sum().clamp_min(1) if reduction == "mean" else s)
+    return total if gate is None else total * gate
+
+
+def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    """AvgNonZeroReducer over per-anchor losses (NaN kept), or sum / none."""
+    return reduce_terms([rows], [counts_nonzero(rows)], reduction)
+
+
+def _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index):
+    if ref_embeddings is None:
+        B = embeddings.shape[0]
+        self_index = torch.arange(B, device=labels.device)
+        return cosine_similarity(embeddings, embeddings), *pair_masks(labels, labels, self_index)
+    M = ref_embeddings.shape[0]
+    self_index = None
+    if ref_self_index is not None and M > 0:
+        self_index = (ref_self_index + torch.arange(embeddings.shape[0], device=labels.device)) % M
+    return cosine_similarity(embeddings, ref_embeddings), *pair_masks(labels, ref_labels, self_index)
+
+
+def _gate(pos, neg):
+    return (pos.any() & neg.any()).to(torch.get_default_dtype())
+
+
+def _twoset_rows(pos_logits, neg_logits, s, pos, neg):
+    a = torch.where(pos, pos_logits(s), neg_logits(s))
+    z = masked_logsumexp(a, pos) + masked_logsumexp(a, neg)
+    valid = pos.any(dim=1) & neg.any(dim=1)
+    return torch.where(valid, F.softplus(torch.where(valid, z, torch.zeros_like(z))), torch.zeros_like(z))
+
+
+def _twoset_loss(pos_logits, neg_logits, embeddings, labels, ref_embeddings, ref_labels, reduction,
+                 ref_self_index=None):
+    s, pos, neg = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    return reduce_rows(_twoset_rows(pos_logits, neg_logits, s, pos, neg), reduction)
+
+
+def circle_loss(embeddings, labels, m=0.4, gamma=80.0, ref_embeddings=None, ref_labels=None, reduction="mean",
+                ref_self_index=None):
+    """Circle loss, pair-level labels (Sun et al. 2020, Eq. 6; PML's CircleLoss)."""
+    op, on, delta_p, delta_n = 1 + m, -m, 1 - m, m
+
+    def pos_logits(s):
+        return -gamma * torch.relu(op - s.detach()) * (s - delta_p)
+
+    def neg_logits(s):
+        return gamma * torch.relu(s.detach() - on) * (s - delta_n)
+
+    return _twoset_loss(pos_logits, neg_logits, embeddings, labels, ref_embeddings, ref_labels, reduction,
+                        ref_self_index)
+
+
+def unified_loss(embeddings, labels, m=0.35, gamma=64.0, ref_embeddings=None, ref_labels=None, reduction="mean",
+                 ref_self_index=None):
+    """The paper's unified loss (Eq. 1), pair-level: softplus(LSE_N gamma (s + m) + LSE_P (-gamma s))."""
+    return _twoset_loss(lambda s: -gamma * s, lambda s: gamma * (s + m), embeddings, labels, ref_embeddings,
+                        ref_labels, reduction, ref_self_index)
+
+
+def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, ref_embeddings=None,
+                          ref_labels=None, reduction="mean", ref_self_index=None):
+    """Multi-similarity loss (Wang et al. 2019; PML's MultiSimilarityLoss, MeanReducer over anchors):
+    (1/alpha) log(1 + sum_P exp(-alpha (s - base))) + (1/beta) log(1 + sum_N exp(beta (s - base)))."""
+    s, pos, neg = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    pos_term = softplus_exact(masked_logsumexp(alpha * (base - s), pos)) / alpha
+    neg_term = softplus_exact(masked_logsumexp(beta * (s - base), neg)) / beta
+    rows = pos_term + neg_term
+    return reduce_terms([rows], [torch.ones_like(rows)], reduction)
+
+
+def supcon_loss(embeddings, labels, temperature=0.1, ref_embeddings=None, ref_labels=None, reduction="mean",
+                ref_self_index=None):
+    """Supervised contrastive loss (Khosla et al. 2020; PML's SupConLoss, AvgNonZeroReducer):
+    -(1/|P|) sum_P [s_ip/t - LSE_{k in P u N} s_ik/t], 0 for anchors without positives; 0 for the
+    batch when it has no positive or no negative pair at all."""
+    s, pos, neg = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    a = s / temperature
+    lse = masked_logsumexp(a, pos | neg)
+    n_pos = pos.sum(dim=1)
+    has_pos = n_pos > 0
+    mean_pos = torch.where(pos, a, torch.zeros_like(a)).sum(dim=1) / n_pos.clamp_min(1).to(a.dtype)
+    rows = torch.where(has_pos, torch.where(has_pos, lse, torch.zeros_like(lse)) - mean_pos, torch.zeros_like(lse))
+    return reduce_terms([rows], [counts_nonzero(rows)], reduction, gate=_gate(pos, neg).to(rows.dtype))
+
+
+def ntxent_loss(embeddings, labels, temperature=0.07, ref_embeddings=None, ref_labels=None, reduction="mean",
+                ref_self_index=None):
+    """NT-Xent / InfoNCE with label-defined positives (PML's NTXentLoss, MeanReducer over positive
+    pairs): for each positive pair, softplus(LSE_N s_in/t - s_ip/t). "none" sums per anchor."""
+    s, pos, neg = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    a = s / temperature
+    lse_n = masked_logsumexp(a, neg)
+    pair = softplus_exact(lse_n[:, None] - a)
+    rows = torch.where(pos, pair, torch.zeros_like(pair)).sum(dim=1)
+    return reduce_terms([rows], [pos.sum(dim=1).to(rows.dtype)], reduction, gate=_gate(pos, neg).to(rows.dtype))
+
+
+def contrastive_loss(embeddings, labels, pos_margin=0.0, neg_margin=1.0, ref_embeddings=None, ref_labels=None,
+                     reduction="mean", ref_self_index=None):
+    """Contrastive loss (Hadsell et al. 2006; PML's ContrastiveLoss with LpDistance on normalized
+    embeddings): relu(d - pos_margin) over positive pairs and relu(neg_margin - d) over negative
+    pairs, each averaged over its non-zero pair losses, then added. "none" sums per anchor."""
+    s, pos, neg = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    d = distance_from_similarity(s)
+    lp = torch.where(pos, torch.relu(d - pos_margin), torch.zeros_like(d))
+    ln = torch.where(neg, torch.relu(neg_margin - d), torch.zeros_like(d))
+    terms = [lp.sum(dim=1), ln.sum(dim=1)]
+    counts = [(counts_nonzero(lp) * pos).sum(dim=1), (counts_nonzero(ln) * neg).sum(dim=1)]
+    return reduce_terms(terms, counts, reduction)
+
+
+def triplet_margin_loss(embeddings, labels, margin=0.05, mining="all", ref_embeddings=None, ref_labels=None,
+                        reduction="mean", ref_self_index=None):
+    """Triplet margin loss (PML's TripletMarginLoss, LpDistance, AvgNonZeroReducer over triplets):
+    relu(d_ap - d_an + margin) over every triplet ("all"), or over the hardest positive (largest
+    d_ap) and hardest negative (smallest d_an) of each anchor ("batch_hard", PML's BatchHardMiner)."""
+    s, pos, neg = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    d = distance_from_similarity(s)
+    if mining == "all":
+        t = d[:, :, None] - d[:, None, :] + margin  # (B, P, N)
+        valid = pos[:, :, None] & neg[:, None, :]
+        lt = torch.where(valid, torch.relu(t), torch.zeros_like(t))
+        rows = lt.sum(dim=(1, 2))
+        counts = (counts_nonzero(lt) * valid).sum(dim=(1, 2))
+        return reduce_terms([rows], [counts], reduction)
+    if mining == "batch_hard":
+        inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
+        if d.shape[1] == 0:  # no references: no triplet (max/min of nothing)
+            return reduce_terms([d.sum(dim=1)], [d.sum(dim=1)], reduction)
+        d_ap = torch.where(pos, d, -inf).max(dim=1).values
+        d_an = torch.where(neg, d, inf).min(dim=1).values
+        valid = pos.any(dim=1) & neg.any(dim=1)
+        rows = torch.where(valid, torch.relu(torch.where(valid, d_ap - d_an, torch.zeros_like(d_ap)) + margin),
+                           torch.zeros_like(d_ap))
+        return reduce_terms([rows], [counts_nonzero(rows) * valid], reduction)
+    raise ValueError(f"mining must be 'all' or 'batch_hard', got {mining!r}")

@@ -1,0 +1,225 @@
+"""Op glue of the row-softmax family: the registration of structloss_fast::softmax_loss and
+::linear_softmax_loss (fake kernels, autograd, Triton twins; CPU kernels in
+csrc/cpu/softmax.cpp), their backends, and the one reduction of the row statistics.
+
+The ops return per-row statistics (SoftmaxStat columns, ids.h), the row loss among them; `reduce`
+below turns them into the loss for every backend alike, and autograd hands the backward the
+gradient of each row's loss ("row weights") as the gradient of that column.
+
+The forward writes the gradient whenever a backward will follow (compute_grad / grad_mask).
+softmax_loss: the (N, C) buffer holds each row's own gradient and the backward scales it in
+place by the row weights, so no second N x C buffer is made; a second backward through the
+same graph (retain_graph=True), a differentiable backward (create_graph=True) or a graph traced
+by torch.compile recompute it from the saved row statistics, or scale out of place.
+linear_softmax_loss: the forward accumulates the gradients of the unit-weight sum of the row
+losses, (N, H), (C, H) and (C,), which the backward scales out of place.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _oplib, _registry
+from .._ids import SoftmaxParam, SoftmaxStat, SoftmaxTransform
+
+OP = "softmax_loss"
+LINEAR_OP = "linear_softmax_loss"
+NUM_STATS = len(SoftmaxStat)
+
+TRANSFORMS = {
+    "identity": SoftmaxTransform.IDENTITY,
+    "normface": SoftmaxTransform.NORM_FACE,
+    "cosface": SoftmaxTransform.COS_FACE,
+    "arcface": SoftmaxTransform.ARC_FACE,
+    "circle": SoftmaxTransform.CIRCLE_CLASS,
+}
+
+
+def make_params(log_end, bonus_weight, label_smoothing, eps, t0=0.0, t1=0.0) -> list[float]:
+    """The ops' params list, in SoftmaxParam order."""
+    values = {SoftmaxParam.LOG_END: log_end, SoftmaxParam.RHO: bonus_weight, SoftmaxParam.SMOOTH: label_smoothing,
+              SoftmaxParam.EPS: eps, SoftmaxParam.T0: t0, SoftmaxParam.T1: t1}
+    return [float(values[p]) for p in SoftmaxParam]
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- fake kernels
+
+
+def _fake_forward(logits, target, class_weight, ignore_index, transform, params, compute_grad):
+    torch._check(logits.dim() == 2, lambda: "logits must be (N, C)")
+    torch._check(target.shape == (logits.shape[0],), lambda: "target must be (N,)")
+    N, C = logits.shape
+    stats = logits.new_empty((N, NUM_STATS), dtype=acc_dtype(logits.dtype))
+    grad = logits.new_empty((N if compute_grad else 0, C))
+    return stats, grad
+
+
+def _fake_backward(logits, target, class_weight, row_stats, row_weights, ignore_index, transform, params):
+    torch._check(row_stats.shape == (logits.shape[0], NUM_STATS), lambda: f"row_stats must be (N, {NUM_STATS})")
+    torch._check(row_weights.shape == (logits.shape[0],), lambda: "row_weights must be (N,)")
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _fake_linear_forward(input, weight, bias, target, class_weight, ignore_index, transform, params, grad_mask,
+                         row_chunk, class_tile):
+    torch._check(input.dim() == 2 and weight.dim() == 2, lambda: "input and weight must be 2-D")
+    torch._check(input.shape[1] == weight.shape[1], lambda: "input and weight differ in H")
+    stats = input.new_empty((input.shape[0], NUM_STATS), dtype=acc_dtype(input.dtype))
+    return (stats,) + _fake_linear_backward(input, weight, bias, target, class_weight, stats, None, ignore_index,
+                                            transform, params, grad_mask, row_chunk, class_tile)
+
+
+def _fake_linear_backward(input, weight, bias, target, class_weight, row_stats, row_weights, ignore_index, transform,
+                          params, grad_mask, row_chunk, class_tile):
+    N, H = input.shape
+    C = weight.shape[0]
+    return (input.new_empty((N if grad_mask[0] else 0, H)), input.new_empty((C if grad_mask[1] else 0, H)),
+            input.new_empty((C if grad_mask[2] and bias is not None else 0,)))
+
+
+# ---------------------------------------------------------------- autograd
+
+
+def _tracing(t: Optional[Tensor]) -> bool:
+    """True while torch.compile / AOTAutograd traces: buffers are then not consumed in place."""
+    if torch.compiler.is_compiling():
+        return True
+    if t is None:
+        return False
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or torch._is_functional_tensor(t) or type(t) is not torch.Tensor
+
+
+def _row_weights(grad_stats: Tensor, row_stats: Tensor) -> Tensor:
+    return grad_stats[:, SoftmaxStat.ROW_LOSS].to(row_stats.dtype).contiguous()
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, class_weight, ignore_index, transform, params, compute_grad = inputs
+    row_stats, grad = output
+    ctx.save_for_backward(logits, target, class_weight, row_stats)
+    # Only the statistics are differentiable: without this, autograd would materialize a zero
+    # (N, C) gradient for the grad_logits output in every backward.
+    ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)
+    # Detached: the buffer is an output of this node, and holding it with its grad_fn would make
+    # a reference cycle (node -> ctx -> grad -> node).
+    ctx.grad_buf = grad.detach() if compute_grad else None
+    ctx.spec = (int(ignore_index), int(transform), [float(p) for p in params])
+
+
+def _backward(ctx, backward_op, grad_stats, _g_grad):
+    logits, target, class_weight, row_stats = ctx.saved_tensors
+    if grad_stats is None or not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    ignore_index, transform, params = ctx.spec
+    w = _row_weights(grad_stats, row_stats)
+    buf = ctx.grad_buf
+    if buf is not None and not _oplib.create_graph():
+        # buf holds each row's own gradient: the same products as the recomputing kernel, in
+        # place the first time (the buffer is handed out once), out of place under tracing.
+        if _tracing(buf):
+            return (buf * w.unsqueeze(1),) + (None,) * 6
+        ctx.grad_buf = None
+        return (buf.mul_(w.unsqueeze(1)),) + (None,) * 6
+    g = backward_op(logits, target, class_weight, row_stats, w, ignore_index, transform, params)
+    return (g,) + (None,) * 6
+
+
+def _setup_linear_context(ctx, inputs, output):
+    (input, weight, bias, target, class_weight, ignore_index, transform, params, grad_mask, row_chunk,
+     class_tile) = inputs
+    row_stats, gx, gw, gb = output
+    ctx.save_for_backward(input, weight, bias, target, class_weight, row_stats)
+    ctx.mark_non_differentiable(gx, gw, gb)
+    ctx.set_materialize_grads(False)
+    ctx.grads = (gx.detach(), gw.detach(), gb.detach()) if any(grad_mask) else None
+    ctx.spec = (int(ignore_index), int(transform), [float(p) for p in params], list(grad_mask), int(row_chunk),
+                int(class_tile))
+
+
+def _linear_backward(ctx, backward_op, grad_stats, _g_gx, _g_gw, _g_gb):
+    input, weight, bias, target, class_weight, row_stats = ctx.saved_tensors
+    ignore_index, transform, params, grad_mask, row_chunk, class_tile = ctx.spec
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+    if grad_stats is None or not any(need):
+        return (None,) * 11
+    w = _row_weights(grad_stats, row_stats)
+    grads = ctx.grads
+    if grads is not None and all(m or not n for m, n in zip(grad_mask, need)) and not _oplib.create_graph():
+        # The forward's gradients of the unit-weight sum: the input's row by row, the weight's and
+        # bias's summed over rows, which only reductions weighting every row alike (mean, sum)
+        # ask for: row 0's weight is theirs. Scaled out of place (retain_graph, reentrancy).
+        w0 = w[:1].sum()
+        scales = (w.unsqueeze(1), w0, w0)
+        out = [g * c.to(g.dtype) if n else None for g, c, n in zip(grads, scales, need)]
+    else:
+        gx, gw, gb = backward_op(input, weight, bias, target, class_weight, row_stats, w, ignore_index, transform,
+                                 params, need, row_chunk, class_tile)
+        out = [gx if need[0] else None, gw if need[1] else None, gb if need[2] else None]
+    return out[0], out[1], out[2], None, None, None, None, None, None, None, None
+
+
+SOFTMAX_OP = _oplib.LossOp(
+    OP, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_backward,
+    what="the row-softmax losses", triton=("structloss_fast.softmax._triton", "forward", "backward"),
+)
+LINEAR_SOFTMAX_OP = _oplib.LossOp(
+    LINEAR_OP, fake=_fake_linear_forward, backward_fake=_fake_linear_backward, setup_context=_setup_linear_context,
+    backward=_linear_backward, what="the fused linear row-softmax losses",
+    triton=("structloss_fast.softmax._triton", "linear_forward", "linear_backward"),
+)
+
+for _op in (OP, LINEAR_OP):
+    _registry.declare(_registry.OpSpec(_op, family="softmax", kernels=("cpu", "triton")))
+
+
+# ---------------------------------------------------------------- the one reduction
+
+
+def mean_denominator(target: Tensor, class_weight: Optional[Tensor], ignore_index: int, C: int, dtype) -> Tensor:
+    """Sum of the target class weights of the non-ignored rows (1 when that is 0), on device."""
+    valid = target != ignore_index
+    if class_weight is None:
+        denom = valid.sum().to(dtype)
+    else:
+        safe = torch.where(valid, target, torch.zeros_like(target)).clamp(0, max(C - 1, 0))
+        denom = (class_weight.detach().to(dtype)[safe] * valid.to(dtype)).sum()
+    return torch.where(denom == 0, torch.ones_like(denom), denom)
+
+
+def reduce(row_stats: Tensor, target: Tensor, class_weight: Optional[Tensor], ignore_index: int, num_classes: int,
+           reduction: str) -> Tensor:
+    """The loss from the row statistics, for every backend, as F.cross_entropy reduces: the row
+    losses ("none"), their sum, or their sum over the summed class weights of the non-ignored
+    targets ("mean"; 0 when every target is ignored)."""
+    rows = row_stats[:, SoftmaxStat.ROW_LOSS]
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "mean":
+        total = total / mean_denominator(target, class_weight, ignore_index, num_classes, rows.dtype)
+    return total
+
+
+def run(backend: str, logits, target, class_weight, ignore_index: int, transform: int, params,
+        compute_grad: bool) -> Tensor:
+    """The row statistics (N, NUM_STATS) of a resolved backend."""
+    return SOFTMAX_OP.op(backend)(logits, target, class_weight, int(ignore_index), int(transform),
+                                  [float(p) for p in params], bool(compute_grad))[0]
+
+
+def run_linear(backend: str, input, weight, bias, target, class_weight, ignore_index: int, transform: int, params,
+               grad_mask, row_chunk: int = 0, class_tile: int = 0) -> Tensor:
+    """The row statistics of the fused linear op. Any grad_mask bit only for reductions that
+    weight every row alike (see _linear_backward)."""
+    return LINEAR_SOFTMAX_OP.op(backend)(input, weight, bias, target, class_weight, int(ignore_index), int(transform),
+                                         [float(p) for p in params], [bool(m) for m in grad_mask], int(row_chunk),
+                                         int(class_tile))[0]

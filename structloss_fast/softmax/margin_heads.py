@@ -1,0 +1,212 @@
+"""Margin-softmax heads (class-level metric learning) on the row-softmax kernels.
+
+Each head normalizes the embeddings (N, D) and the class proxies (C, D) (nn.Linear's layout;
+pytorch-metric-learning keeps the transpose, (D, C)), takes cos_j = x^ . w^_j, turns
+the cosines into logits with the head's transform and applies cross-entropy or, with
+bonus_weight > 0, the Encouraging Loss (docs/spec/softmax.md):
+
+    NormFace    z_j = s cos_j                                    (PML NormalizedSoftmaxLoss: s = 1/0.05)
+    CosFace     z_j = s (cos_j - m [j == y])                     (PML CosFaceLoss: m = 0.35, s = 64)
+    ArcFace     z_y = s cos(theta_y + m) if theta_y <= pi - m,   (PML ArcFaceLoss: m = 28.6 deg, s = 64)
+                      s (cos_y - m sin m) otherwise; z_j = s cos_j
+    Circle      z_y = g relu(1 + m - cos_y)(cos_y - 1 + m),      (class-level Circle loss, alphas
+                z_j = g relu(cos_j + m)(cos_j - m)                detached; m = 0.25, g = 256)
+
+With fused=True (default) the (N, C) cosine matrix never exists: the heads run on the fused
+linear kernels over the normalized embeddings and class proxies. With fused=False the cosines
+are one dense GEMM and the transform + loss one fused row kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _registry, _validate
+from .._module import LossModule
+from . import _ops
+from . import reference as _ref
+from .encouraging import check_class_weight, check_el_options, check_target_range, run_linear
+
+__all__ = [
+    "normface_loss", "cosface_loss", "arcface_loss", "circle_class_loss",
+    "NormFaceLoss", "CosFaceLoss", "ArcFaceLoss", "CircleClassLoss", "MarginHead",
+]
+
+ARCFACE_DEFAULT_MARGIN = math.radians(28.6)  # PML's default, 0.4992 rad
+
+
+def _margin_loss(kind, embeddings, proxies, labels, t0, t1, *, weight, log_end, bonus_weight, ignore_index, reduction,
+                 label_smoothing, eps, fused, backend):
+    log_end, bonus_weight, label_smoothing, eps = check_el_options(
+        log_end, bonus_weight, label_smoothing, eps, ignore_index, reduction)
+    _validate.tensor("embeddings", embeddings, ndim=2, floating=True)
+    _validate.tensor("proxies", proxies, ndim=2, floating=True)
+    _validate.tensor("labels", labels, ndim=1, integer=True)
+    _validate.length("labels", labels, embeddings.shape[0], "embeddings")
+    if proxies.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"proxies must be (num_classes, D) with D={embeddings.shape[1]} (the embedding size), "
+                         f"got shape {tuple(proxies.shape)}")
+    if proxies.dtype != embeddings.dtype:
+        raise TypeError(f"proxies must have the embeddings' dtype {embeddings.dtype}, got {proxies.dtype}")
+    if proxies.shape[0] == 0:
+        raise ValueError("proxies must have at least one class (row)")
+    C = proxies.shape[0]
+    weight = check_class_weight("weight", weight, C)
+    _validate.same_device(embeddings=embeddings, proxies=proxies, labels=labels, weight=weight)
+    check_target_range(labels, C, ignore_index, name="labels")
+    chosen = _registry.resolve(_ops.LINEAR_OP if fused else _ops.OP, backend, embeddings.device)
+    if chosen == "reference":
+        return _ref.margin_loss(kind, embeddings, proxies, labels, t0, t1, log_end=log_end, bonus_weight=bonus_weight,
+                                weight=weight, ignore_index=ignore_index, reduction=reduction,
+                                label_smoothing=label_smoothing, eps=eps)
+    params = _ops.make_params(log_end, bonus_weight, label_smoothing, eps, t0, t1)
+    transform = _ops.TRANSFORMS[kind]
+    labels64 = labels.to(torch.int64)
+    x = F.normalize(embeddings, p=2, dim=1, eps=1e-12)
+    w = F.normalize(proxies, p=2, dim=1, eps=1e-12)
+    if fused:
+        return run_linear(chosen, x, w, None, labels64, weight, ignore_index, transform, params, reduction)
+    cos = x @ w.T
+    compute_grad = torch.is_grad_enabled() and cos.requires_grad
+    stats = _ops.run(chosen, cos, labels64, weight, ignore_index, transform, params, compute_grad)
+    return _ops.reduce(stats, labels64, weight, ignore_index, C, reduction).to(embeddings.dtype)
+
+
+_COMMON_DOC = """
+    Args:
+        embeddings: (N, D) float; normalized inside.
+        proxies: (num_classes, D) class proxies (nn.Linear's layout; pytorch-metric-learning keeps
+            the transpose as `W`); normalized inside.
+        labels: (N,) integer classes in [0, num_classes) or ignore_index.
+        weight: optional (num_classes,) class weights of the loss, as F.cross_entropy's.
+        bonus_weight: 0 (default) gives cross-entropy as in pytorch-metric-learning; > 0 adds the
+            Encouraging Loss bonus with log_end (see structloss_fast.encouraging_loss).
+        ignore_index, reduction, label_smoothing, eps: as encouraging_loss.
+        fused: never form the (N, C) cosines (chunked fused-linear kernels).
+        backend: "auto" | "reference" | "cpu" | "triton".
+"""
+
+# The options every head takes after its own parameters, with their defaults.
+_HEAD_DEFAULTS = dict(weight=None, log_end=0.75, bonus_weight=0.0, ignore_index=-100, reduction="mean",
+                      label_smoothing=0.0, eps=1e-5, fused=True, backend="auto")
+
+
+def normface_loss(embeddings: Tensor, proxies: Tensor, labels: Tensor, *, scale: float = 20.0,
+                  weight: Optional[Tensor] = None, log_end: float = 0.75, bonus_weight: float = 0.0,
+                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, eps: float = 1e-5,
+                  fused: bool = True, backend: str = "auto") -> Tensor:
+    scale = _validate.number("scale", scale, lo=0.0, lo_open=True)
+    return _margin_loss("normface", embeddings, proxies, labels, scale, 0.0, weight=weight, log_end=log_end,
+                        bonus_weight=bonus_weight, ignore_index=ignore_index, reduction=reduction,
+                        label_smoothing=label_smoothing, eps=eps, fused=fused, backend=backend)
+
+
+def cosface_loss(embeddings: Tensor, proxies: Tensor, labels: Tensor, *, margin: float = 0.35, scale: float = 64.0,
+                 weight: Optional[Tensor] = None, log_end: float = 0.75, bonus_weight: float = 0.0,
+                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, eps: float = 1e-5,
+                 fused: bool = True, backend: str = "auto") -> Tensor:
+    scale = _validate.number("scale", scale, lo=0.0, lo_open=True)
+    margin = _validate.number("margin", margin, lo=0.0)
+    return _margin_loss("cosface", embeddings, proxies, labels, scale, margin, weight=weight, log_end=log_end,
+                        bonus_weight=bonus_weight, ignore_index=ignore_index, reduction=reduction,
+                        label_smoothing=label_smoothing, eps=eps, fused=fused, backend=backend)
+
+
+def arcface_loss(embeddings: Tensor, proxies: Tensor, labels: Tensor, *, margin: float = ARCFACE_DEFAULT_MARGIN,
+                 scale: float = 64.0, weight: Optional[Tensor] = None, log_end: float = 0.75,
+                 bonus_weight: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, eps: float = 1e-5, fused: bool = True,
+                 backend: str = "auto") -> Tensor:
+    scale = _validate.number("scale", scale, lo=0.0, lo_open=True)
+    margin = _validate.number("margin", margin, lo=0.0, hi=math.pi / 2)
+    return _margin_loss("arcface", embeddings, proxies, labels, scale, margin, weight=weight, log_end=log_end,
+                        bonus_weight=bonus_weight, ignore_index=ignore_index, reduction=reduction,
+                        label_smoothing=label_smoothing, eps=eps, fused=fused, backend=backend)
+
+
+def circle_class_loss(embeddings: Tensor, proxies: Tensor, labels: Tensor, *, m: float = 0.25, gamma: float = 256.0,
+                      weight: Optional[Tensor] = None, log_end: float = 0.75, bonus_weight: float = 0.0,
+                      ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                      eps: float = 1e-5, fused: bool = True, backend: str = "auto") -> Tensor:
+    gamma = _validate.number("gamma", gamma, lo=0.0, lo_open=True)
+    m = _validate.number("m", m, lo=0.0, hi=1.0, hi_open=True)
+    return _margin_loss("circle", embeddings, proxies, labels, gamma, m, weight=weight, log_end=log_end,
+                        bonus_weight=bonus_weight, ignore_index=ignore_index, reduction=reduction,
+                        label_smoothing=label_smoothing, eps=eps, fused=fused, backend=backend)
+
+
+normface_loss.__doc__ = "NormFace / normalized softmax: logits s cos_j (PML's temperature 0.05 is s = 20)." + _COMMON_DOC
+cosface_loss.__doc__ = "CosFace / AM-Softmax: logits s (cos_j - m [j == y]) (PML's m = 0.35, s = 64)." + _COMMON_DOC
+arcface_loss.__doc__ = ("ArcFace: target logit s cos(theta_y + m) (s (cos_y - m sin m) past pi - m), others "
+                        "s cos_j. margin in radians; the default is PML's 28.6 degrees." + _COMMON_DOC)
+circle_class_loss.__doc__ = ("Class-level Circle loss (Sun et al. 2020, Eq. 4 with class proxies): "
+                             "z_y = gamma relu(1 + m - cos_y)(cos_y - 1 + m), z_j = gamma relu(cos_j + m)(cos_j - m), "
+                             "alphas detached; the paper's face-recognition m = 0.25, gamma = 256 (m and gamma as "
+                             "in circle_loss)." + _COMMON_DOC)
+
+
+class MarginHead(LossModule):
+    """A margin-softmax head: the class proxies (num_classes, embedding_size) as an nn.Parameter,
+    initialized like pytorch-metric-learning's (normal), the class weights (if any) as a
+    buffer; forward(embeddings, labels) -> loss."""
+
+    _head_options: tuple[str, ...] = ()
+
+    def __init__(self, num_classes: int, embedding_size: int, *, device=None, dtype=None, **options):
+        weight = options.pop("weight", None)
+        super().__init__(**{**{k: v for k, v in _HEAD_DEFAULTS.items() if k != "weight"}, **options})
+        self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
+        nn.init.normal_(self.proxies)
+        self.register_buffer("weight", weight)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return type(self)._function(embeddings, self.proxies, labels, **self.options())
+
+    def logits(self, embeddings: Tensor) -> Tensor:
+        """Cosine similarities (N, num_classes) of the embeddings with the class proxies."""
+        return _ref.cosine_logits(embeddings, self.proxies)
+
+    def extra_repr(self):
+        return (f"num_classes={self.proxies.shape[0]}, embedding_size={self.proxies.shape[1]}, "
+                + super().extra_repr())
+
+
+def _head_options(*own: str) -> tuple[str, ...]:
+    return own + tuple(_HEAD_DEFAULTS)
+
+
+class NormFaceLoss(MarginHead):
+    _function = normface_loss
+    _options = _head_options("scale")
+
+    def __init__(self, num_classes: int, embedding_size: int, scale: float = 20.0, **kwargs):
+        super().__init__(num_classes, embedding_size, scale=scale, **kwargs)
+
+
+class CosFaceLoss(MarginHead):
+    _function = cosface_loss
+    _options = _head_options("margin", "scale")
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.35, scale: float = 64.0, **kwargs):
+        super().__init__(num_classes, embedding_size, margin=margin, scale=scale, **kwargs)
+
+
+class ArcFaceLoss(MarginHead):
+    _function = arcface_loss
+    _options = _head_options("margin", "scale")
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: float = ARCFACE_DEFAULT_MARGIN,
+                 scale: float = 64.0, **kwargs):
+        super().__init__(num_classes, embedding_size, margin=margin, scale=scale, **kwargs)
+
+
+class CircleClassLoss(MarginHead):
+    _function = circle_class_loss
+    _options = _head_options("m", "gamma")
+
+    def __init__(self, num_classes: int, embedding_size: int, m: float = 0.25, gamma: float = 256.0, **kwargs):
+        super().__init__(num_classes, embedding_size, m=m, gamma=gamma, **kwargs)

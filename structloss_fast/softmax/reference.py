@@ -1,0 +1,124 @@
+"""Row-softmax losses, by definition (docs/spec/softmax.md).
+
+Dense N x C tensors, plain autograd, in the input's dtype.
+
+- Encouraging Loss (Zhao et al., AAAI 2022; the authors' EncouragingLoss):
+  f_j = -log p_j + rho * b(p_j), b(p) = log(max(1 - p, eps)) for p <= LE and the tangent at LE
+  above it, 1 - p = -expm1(log p). The row loss is (1 - ls) w_y f_y + (ls / C) sum_j w_j f_j
+  (the authors' image-classification label smoothing, which is torch's at rho = 0); reductions
+  and the "mean" denominator (sum of the target class weights over non-ignored rows) are
+  F.cross_entropy's, except that an all-ignored (or zero-weight) batch gives 0, not NaN.
+- Margin heads: cos_j = x^ . w^_j, a logit transform (NormFace, CosFace, ArcFace, class-level
+  Circle with detached alphas), then the loss above (cross-entropy at bonus_weight = 0).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def flatten_rows(input: torch.Tensor, target: torch.Tensor):
+    """(N, C, d1, ...) -> (N * d1 * ..., C) rows, like F.cross_entropy's K-dimensional case."""
+    if input.dim() == 1:
+        return input.unsqueeze(0), target.reshape(1), ()
+    if input.dim() == 2:
+        return input, target, (input.shape[0],)
+    C = input.shape[1]
+    rows = input.movedim(1, -1).reshape(-1, C)
+    return rows, target.reshape(-1), tuple(target.shape)
+
+
+def bonus(p: torch.Tensor, q: torch.Tensor, log_end: float, eps: float) -> torch.Tensor:
+    """b(p) of the spec, from p and an accurate q = 1 - p."""
+    b = torch.log(torch.clamp(q, min=eps))
+    if log_end < 1.0:
+        tangent = math.log1p(-log_end) - (p - log_end) / (1.0 - log_end)
+        b = torch.where(p > log_end, tangent, b)
+    return b
+
+
+def row_losses(logits, target, *, log_end=0.75, bonus_weight=1.0, weight=None, ignore_index=-100,
+               label_smoothing=0.0, eps=1e-5):
+    """Unreduced EL of (N, C) logits: (row losses (N,), target class weights of the counted rows (N,))."""
+    N, C = logits.shape
+    ignored = target == ignore_index
+    safe_target = torch.where(ignored, torch.zeros_like(target), target)
+    logp = torch.log_softmax(logits, dim=1)
+    p = logp.exp()
+    q = -torch.expm1(logp)
+    f = -logp + bonus_weight * bonus(p, q, log_end, eps)  # (N, C): the loss of each class
+    w = torch.ones(C, dtype=logits.dtype, device=logits.device) if weight is None else weight.to(logits.dtype)
+    w_y = w[safe_target]
+    loss = (1.0 - label_smoothing) * w_y * f.gather(1, safe_target[:, None]).squeeze(1)
+    if label_smoothing > 0:
+        loss = loss + (label_smoothing / C) * (f * w).sum(dim=1)
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    return torch.where(ignored, zero, loss), torch.where(ignored, zero, w_y)
+
+
+def reduce(rows, w_y, reduction):
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        denom = w_y.sum()
+        return rows.sum() / torch.where(denom == 0, torch.ones_like(denom), denom)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def encouraging_loss(input, target, *, log_end=0.75, bonus_weight=1.0, weight=None, ignore_index=-100,
+                     reduction="mean", label_smoothing=0.0, eps=1e-5):
+    """Encouraging Loss with F.cross_entropy's interface (class-index targets)."""
+    rows, tgt, out_shape = flatten_rows(input, target)
+    losses, w_y = row_losses(rows, tgt, log_end=log_end, bonus_weight=bonus_weight, weight=weight,
+                             ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps)
+    out = reduce(losses, w_y, reduction)
+    if reduction == "none":
+        out = out.reshape(out_shape)
+    return out
+
+
+# ---------------------------------------------------------------- margin heads
+
+
+def cosine_logits(embeddings, class_weight):
+    """cos_j = x^ . w^_j, (N, C); class_weight is (C, D) like nn.Linear's weight."""
+    return F.normalize(embeddings, p=2, dim=1, eps=1e-12) @ F.normalize(class_weight, p=2, dim=1, eps=1e-12).T
+
+
+def margin_logits(cos, target, kind, t0, t1, ignore_index=-100):
+    """The heads' logit transforms of the spec; the target class gets its own formula."""
+    valid = target != ignore_index
+    onehot = F.one_hot(torch.where(valid, target, torch.zeros_like(target)), cos.shape[1]).bool() & valid[:, None]
+    if kind == "normface":
+        return t0 * cos
+    if kind == "cosface":
+        return t0 * (cos - t1 * onehot.to(cos.dtype))
+    if kind == "arcface":
+        theta = torch.acos(torch.clamp(cos, -1.0, 1.0))
+        target_logit = torch.where(theta <= math.pi - t1, torch.cos(theta + t1), cos - t1 * math.sin(t1))
+        return t0 * torch.where(onehot, target_logit, cos)
+    if kind == "circle":
+        gamma, m = t0, t1
+        alpha_p = torch.relu(1 + m - cos.detach())
+        alpha_n = torch.relu(cos.detach() + m)
+        pos = gamma * alpha_p * (cos - (1 - m))
+        neg = gamma * alpha_n * (cos - m)
+        return torch.where(onehot, pos, neg)
+    raise ValueError(f"unknown margin head {kind!r}")
+
+
+def margin_loss(kind, embeddings, class_weight, labels, t0, t1, *, log_end=1.0, bonus_weight=0.0, weight=None,
+                ignore_index=-100, reduction="mean", label_smoothing=0.0, eps=1e-5):
+    cos = cosine_logits(embeddings, class_weight)
+    logits = margin_logits(cos, labels, kind, t0, t1, ignore_index)
+    return encouraging_loss(logits, labels, log_end=log_end, bonus_weight=bonus_weight, weight=weight,
+                            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, eps=eps)
+
+
+def linear_encouraging_loss(input, linear_weight, target, linear_bias=None, **kwargs):
+    """EL of input @ linear_weight^T + linear_bias, dense."""
+    return encouraging_loss(F.linear(input, linear_weight, linear_bias), target, **kwargs)
