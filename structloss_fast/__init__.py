@@ -82,3 +82,10 @@ __all__ += [
     "CGNotConverged", "CGResult", "CGWarning", "cg", "mahalanobis_loss", "MetricNet", "DiagonalMetricNet",
     "implicit_argmin", "custom_argmin", "unrolled_argmin", "TaskMetConfig", "TaskMetTrainer",
 ]
+
+# ---- imitation family (Go Wide, Then Narrow) ----
+from . import imitation  # noqa: E402
+from .imitation import FeatureLinear, LayerImitationLoss, WideThenNarrow, layer_imitation_loss  # noqa: E402
+
+__all__ += ["imitation", "layer_imitation_loss", "LayerImitationLoss", "WideThenNarrow", "FeatureLinear"]
+
