@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor

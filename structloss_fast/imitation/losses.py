@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from .. import _ext, _validate
@@ -47,7 +46,8 @@ def check_weights(weights, n_layers: int) -> list[float]:
     if weights is None:
         return [1.0] * n_layers
     if isinstance(weights, Tensor) or not isinstance(weights, Sequence):
-        raise TypeError(f"weights must be a list or tuple of Python numbers (one per layer), got {type(weights).__name__}")
+        raise TypeError("weights must be a list or tuple of Python numbers (one per layer), "
+                        f"got {type(weights).__name__}")
     if len(weights) != n_layers:
         raise ValueError(f"weights must have one entry per layer ({n_layers}), got {len(weights)}")
     return [_validate.number(f"weights[{i}]", w, lo=0.0) for i, w in enumerate(weights)]
@@ -130,4 +130,5 @@ class LayerImitationLoss(nn.Module):
                                     per_layer=self.per_layer, backend=self.backend)
 
     def extra_repr(self):
-        return f"weights={self.weights}, reduction={self.reduction!r}, per_layer={self.per_layer}, backend={self.backend!r}"
+        return (f"weights={self.weights}, reduction={self.reduction!r}, per_layer={self.per_layer}, "
+                f"backend={self.backend!r}")
