@@ -89,3 +89,11 @@ from .imitation import FeatureLinear, LayerImitationLoss, WideThenNarrow, layer_
 
 __all__ += ["imitation", "layer_imitation_loss", "LayerImitationLoss", "WideThenNarrow", "FeatureLinear"]
 
+# ---- adversarial family (robust training and transfer) ----
+from . import adversarial  # noqa: E402
+from .adversarial import (  # noqa: E402
+    TRANSFER_MODES, PGDAdversarialLoss, TRADESLoss, TransferResult, pgd_adversarial_loss, trades_loss, transfer,
+)
+
+__all__ += ["adversarial", "pgd_adversarial_loss", "trades_loss", "PGDAdversarialLoss", "TRADESLoss", "transfer",
+            "TransferResult", "TRANSFER_MODES"]
