@@ -86,14 +86,16 @@ class _NullBar:
 
 
 def progress_bar(total: Optional[int], desc: str, enabled: bool):
-    """A tqdm bar (stderr; redrawn at most twice a second), or a bar that does nothing."""
+    """A tqdm bar on stderr, redrawn at most twice a second and shown only on a terminal (so
+    that logs stay clean), or a bar that does nothing."""
     if not enabled:
         return _NullBar()
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         return _NullBar()
-    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, mininterval=0.5, dynamic_ncols=True,
+                disable=None)
 
 
 def run_epochs(step_loss: Callable[[Tensor, Tensor], Tensor], optimizer, data, *, epochs: int, batch_size: int,

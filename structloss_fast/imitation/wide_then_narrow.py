@@ -184,6 +184,16 @@ class WideThenNarrow(nn.Module):
                                     weights=self.layer_weights[:k], reduction=self.reduction[:k],
                                     per_layer=per_layer, backend=self.backend)
 
+    def balance_weights(self, x: Tensor) -> list[float]:
+        """Set the layer weights to w_i = 1 / mean(b_i^2) over the inputs x (the wide network's
+        output power per layer), so that every prefix's term starts on the same scale: without
+        normalisation layers the activations of a deep network can grow by orders of magnitude
+        from block to block, and the deepest terms would drown the others. Reads the powers back
+        to the host once. Returns the weights."""
+        powers = torch.stack([b.double().pow(2).mean() for b in self.teacher_outputs(x)]).cpu()
+        self.layer_weights = [1.0 / max(p, 1e-12) for p in powers.tolist()]
+        return self.layer_weights
+
     def forward(self, x: Tensor) -> Tensor:
         """The thin network's output (through the adapters until they are merged)."""
         if self.merged:
@@ -193,16 +203,18 @@ class WideThenNarrow(nn.Module):
     # ------------------------------------------------------------ the three stages
 
     def fit_wide(self, data, *, epochs: int, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
-                 weight_decay: float = 0.0, generator: Optional[torch.Generator] = None,
-                 progress: bool = True) -> list[dict]:
-        """Stage 1: train the wide network on the task (task_loss on labeled data)."""
+                 weight_decay: float = 0.0, generator: Optional[torch.Generator] = None, progress: bool = True,
+                 callback: Optional[Callable[[dict], None]] = None) -> list[dict]:
+        """Stage 1: train the wide network on the task (task_loss on labeled data). callback(record)
+        is called after every epoch (record: epoch, mean loss, time)."""
         data = _train.check_data("data", data)
         _train.non_negative_int("epochs", epochs)
         _train.positive_int("batch_size", batch_size)
         opt = _train.make_optimizer(self.wide.parameters(), optimizer, lr, weight_decay)
         self.wide.train()
         hist = _train.run_epochs(lambda x, y: self.task_loss(self.wide(x), y), opt, data, epochs=epochs,
-                                 batch_size=batch_size, generator=generator, progress=progress, desc="go wide")
+                                 batch_size=batch_size, generator=generator, progress=progress, desc="go wide",
+                                 on_epoch_end=callback)
         self.history["wide"] += hist
         return hist
 
@@ -211,7 +223,7 @@ class WideThenNarrow(nn.Module):
 
     def imitate(self, data, *, epochs: int, schedule: str = "joint", batch_size: int = 64, lr: float = 1e-3,
                 optimizer: str = "adam", weight_decay: float = 0.0, generator: Optional[torch.Generator] = None,
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, callback: Optional[Callable[[dict], None]] = None) -> list[dict]:
         """Stage 2: train the thin blocks and the adapters so that every prefix imitates the
         wide network (labels are not used). schedule "joint": all prefixes in every step;
         "progressive": the epochs split into n phases, phase k trains prefixes 1..k (bottom to
@@ -233,6 +245,8 @@ class WideThenNarrow(nn.Module):
 
         def on_end(record):
             record["layers"] = upto[0]
+            if callback is not None:
+                callback(record)
 
         self.thin.train()
         hist = _train.run_epochs(lambda x, y: self.imitation_loss(x, upto=upto[0]), opt, data, epochs=epochs,
@@ -274,8 +288,8 @@ class WideThenNarrow(nn.Module):
         return self.thin
 
     def fine_tune(self, data, *, epochs: int, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
-                  weight_decay: float = 0.0, generator: Optional[torch.Generator] = None,
-                  progress: bool = True) -> list[dict]:
+                  weight_decay: float = 0.0, generator: Optional[torch.Generator] = None, progress: bool = True,
+                  callback: Optional[Callable[[dict], None]] = None) -> list[dict]:
         """Stage 3: merge the adapters (narrow_()) and train the thin network alone on the task."""
         data = _train.check_data("data", data)
         _train.non_negative_int("epochs", epochs)
@@ -284,7 +298,8 @@ class WideThenNarrow(nn.Module):
         opt = _train.make_optimizer(thin.parameters(), optimizer, lr, weight_decay)
         thin.train()
         hist = _train.run_epochs(lambda x, y: self.task_loss(thin(x), y), opt, data, epochs=epochs,
-                                 batch_size=batch_size, generator=generator, progress=progress, desc="fine-tune")
+                                 batch_size=batch_size, generator=generator, progress=progress, desc="fine-tune",
+                                 on_epoch_end=callback)
         self.history["fine_tune"] += hist
         return hist
 
