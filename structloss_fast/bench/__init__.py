@@ -19,7 +19,7 @@ from typing import Callable, Optional
 Setup = Callable[[dict, "object"], Callable[[], object]]
 
 # Families whose cases are part of the suite, in the order they are run.
-FAMILIES = ("pairwise", "softmax", "jem", "taskmet", "seal")
+FAMILIES = ("pairwise", "softmax", "jem", "taskmet", "seal", "imitation", "adversarial")
 
 
 @dataclasses.dataclass
