@@ -5,6 +5,9 @@ fixed-feature / full-network transfer helper; the digits example's quick mode an
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -324,3 +327,26 @@ def test_transfer_head_choice_and_bad_input():
         slf.transfer(source, train, test, n_classes=0)
     with pytest.raises(ValueError, match="no nn.Linear"):
         slf.transfer(nn.Sequential(nn.ReLU()), train, test, n_classes=2)
+
+# ---------------------------------------------------------------- example and docs
+
+
+def test_transfer_example_quick(tmp_path):
+    pytest.importorskip("sklearn")
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "adversarial_transfer_digits.py"), "--quick",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for words in ("standard", "fixed-feature", "full-network", "+-"):
+        assert words in proc.stdout, proc.stdout
+    assert (tmp_path / "adversarial_transfer_digits.png").stat().st_size > 1000
+
+
+def test_docs_examples_run(tmp_path, monkeypatch):
+    """The python blocks of docs/adversarial.md run as written."""
+    text = open(os.path.join(ROOT, "docs", "adversarial.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "docs/adversarial.md", "exec"), {"__name__": "docs_example"})

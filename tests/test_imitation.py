@@ -5,6 +5,10 @@ and stages; the digits example's quick mode and the docs' examples."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -22,6 +26,17 @@ BACKENDS = fast_backends(OP, backends=("cpu",))
 BACKEND_IDS = [b for b, _ in BACKENDS]
 SHAPES = [(8, 16), (8, 4, 3, 3), (8, 40000), (1,)]  # the third spans several kernel spans
 REDUCTION_SETS = ["mean", "sum", "batchmean", ["mean", "sum", "batchmean", "mean"]]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The networks and most tensors here are small: one thread (on a 2-core machine shared with
+    other jobs, the thread pool's waits cost seconds per training test). The thread-count test
+    sets its own."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def layers(shapes=SHAPES, dtype=torch.float64, seed=0, scale=1.0):
@@ -416,3 +431,27 @@ def test_wide_then_narrow_bad_input():
     with pytest.raises(ValueError, match="may differ only along feature_dim"):
         slf.WideThenNarrow(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten()),
                            nn.Sequential(nn.Conv2d(1, 2, 5), nn.Flatten()), torch.randn(2, 1, 8, 8))
+
+# ---------------------------------------------------------------- example and docs
+
+
+def test_digits_example_quick(tmp_path):
+    pytest.importorskip("sklearn")
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "imitation_digits.py"), "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for words in ("wide-then-narrow", "scratch", "accuracy", "+-"):
+        assert words in proc.stdout, proc.stdout
+    assert (tmp_path / "imitation_digits.png").stat().st_size > 1000
+
+
+def test_docs_examples_run(tmp_path, monkeypatch):
+    """The python blocks of docs/imitation.md run as written."""
+    text = open(os.path.join(ROOT, "docs", "imitation.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the documented networks merge without a bridge
+        for block in blocks:
+            exec(compile(block, "docs/imitation.md", "exec"), {"__name__": "docs_example"})
