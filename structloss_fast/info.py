@@ -14,6 +14,7 @@ PROBE_OPS = {
     "sgld": "sgld_step_",
     "cg": "cg_dense",
     "seal": "seal_nce_loss",
+    "imitation": "layer_imitation_loss",
 }
 
 
