@@ -106,4 +106,16 @@ TORCH_LIBRARY(structloss_fast, m) {
       "Tensor grad_out)");
   // The samples seal_nce_loss draws for this seed, (B, K, L) in probs' dtype (for inspection and tests).
   m.def("seal_bernoulli(Tensor probs, Tensor seed, int num_samples) -> Tensor");
+
+  // ---- imitation family (structloss_fast/imitation/_ops.py) ----
+  // Layer-imitation statistics over L layers in one pass (docs/spec/imitation.md): student[i] and
+  // teacher[i] have the same shape; every tensor has one floating dtype and lives on one device.
+  // Returns the per-layer sums of squared differences sum_j (student[i]_j - teacher[i]_j)^2, (L,)
+  // float64 (accumulated in float64); the Python glue weights and reduces them.
+  m.def("layer_imitation_loss(Tensor[] student, Tensor[] teacher) -> Tensor layer_sq_sums");
+  // grad_student[i] = coef[i] * (student[i] - teacher[i]) and grad_teacher[i] = -grad_student[i]
+  // (coef (L,) float64 or float32), each written only where grad_mask says so (else empty (0,)).
+  m.def(
+      "layer_imitation_loss_backward(Tensor[] student, Tensor[] teacher, Tensor coef, bool[2] grad_mask) -> "
+      "(Tensor[] grad_student, Tensor[] grad_teacher)");
 }

@@ -100,9 +100,9 @@ class LossOp:
 
     def _no_double_backward(self, ctx, *grads):
         raise RuntimeError(
-            f"structloss_fast: {self.what} have no second derivative on the fast backends (the gradient is "
-            "computed by a fused kernel that has no derivative of its own); use backend='reference' for "
-            "higher-order gradients")
+            f"structloss_fast: no second derivative of {self.what} on the fast backends: their gradient "
+            f"comes from a fused kernel (structloss_fast::{self.name}_backward) that has no derivative of its "
+            "own; use backend='reference' for higher-order gradients")
 
     def op(self, backend: str):
         """The op that runs a resolved backend: the compiled op for "cpu" / "cuda" (the dispatcher

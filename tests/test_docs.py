@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import warnings
 
 import pytest
 
@@ -19,6 +20,8 @@ def _blocks():
 @pytest.mark.parametrize("path,block", list(_blocks()))
 def test_python_block_runs(path, block, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # blocks that write files write them here
-    exec(compile(block, str(path), "exec"), {"__name__": "docs_example"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. the documented imitation networks merge without a bridge
+        exec(compile(block, str(path), "exec"), {"__name__": "docs_example"})
     for name in re.findall(r"[\"']([\w./-]+\.png)[\"']", block):  # the plots a block says it writes
         assert (tmp_path / name).exists(), f"{path.name}: {name} was not written"

@@ -60,14 +60,21 @@ def _families():
     return list(slf.FAMILIES)
 
 
+# Families without compiled ops of their own: the adversarial losses are the model's own passes
+# around pgd_attack (measured: 85-91% of a training step; nothing to fuse).
+WITHOUT_OPS = {"adversarial"}
+
+
 @pytest.mark.parametrize("family", _families())
 def test_family_layout(family):
     pkg = ROOT / "structloss_fast" / family
-    assert (pkg / "__init__.py").exists() and (pkg / "reference.py").exists() and (pkg / "_ops.py").exists()
+    assert (pkg / "__init__.py").exists() and (pkg / "reference.py").exists()
     assert (ROOT / "tests" / family).is_dir(), f"tests/{family}/"
     assert (ROOT / "docs" / f"{family}.md").exists() and (ROOT / "docs" / "spec" / f"{family}.md").exists()
     assert (ROOT / "structloss_fast" / "bench" / f"{family}.py").exists()
-    assert any(spec.family == family for spec in _registry.ops().values()), "the family's ops declare their backends"
+    has_ops = any(spec.family == family for spec in _registry.ops().values())
+    assert has_ops == (pkg / "_ops.py").exists(), "a family's ops are declared in its _ops.py"
+    assert has_ops or family in WITHOUT_OPS, "the family's ops declare their backends"
     assert set(getattr(slf, family).__all__) <= set(slf.__all__), "the family's public names are re-exported"
 
 

@@ -209,25 +209,77 @@ def _per_sample_norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "linf", eps: float, n_iter: int = 40,
+def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "linf", eps, n_iter: int = 40,
                step_size: Optional[float] = None, random_start: bool = True, clamp=(-1.0, 1.0),
-               generator: Optional[torch.Generator] = None) -> Tensor:
+               generator: Optional[torch.Generator] = None, objective=None, x_init: Optional[Tensor] = None) -> Tensor:
     """Projected gradient ascent on the cross-entropy (Madry et al.): L-inf (sign steps,
     projection onto the box) or L2 (normalised steps, projection onto the ball) of radius eps
     around x, inputs kept in `clamp` (None: unbounded). step_size defaults to 2.5 * eps / n_iter;
-    random_start draws the start uniformly in the ball. Returns the adversarial inputs (detached)."""
+    random_start draws the start uniformly in the ball. Returns the adversarial inputs (detached).
+
+    eps: a number; a list/tuple of E numbers (E attacks, one per radius, batched as one attack on
+    x repeated E times; returns (E, *x.shape)); or a tensor of N per-example radii.
+    objective: objective(logits, y) -> the scalar to maximise (default: the summed
+    cross-entropy, y class indices); with an objective, y is any tensor with one row per example.
+    x_init: the start instead of x (projected; random_start then adds nothing).
+    The loop reads nothing back to the host."""
     _validate.tensor("x", x, floating=True)
-    _validate.tensor("y", y, ndim=1, integer=True)
+    if objective is None:
+        _validate.tensor("y", y, ndim=1, integer=True)
+    else:
+        _validate.tensor("y", y)
+        if not callable(objective):
+            raise TypeError(f"objective must be callable, got {type(objective).__name__}")
     _validate.length("y", y, x.shape[0], "x")
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
-    eps = _validate.number("eps", eps, lo=0.0)
+    if x_init is not None:
+        _validate.tensor("x_init", x_init, floating=True)
+        if x_init.shape != x.shape:
+            raise ValueError(f"x_init must have the shape of x {tuple(x.shape)}, got shape {tuple(x_init.shape)}")
     if not isinstance(n_iter, int) or n_iter < 0:
         raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
-    alpha = 2.5 * eps / max(n_iter, 1) if step_size is None else _validate.number("step_size", step_size, lo=0.0)
+    if step_size is not None:
+        step_size = _validate.number("step_size", step_size, lo=0.0)
+    if isinstance(eps, (list, tuple)):
+        radii = [_validate.number(f"eps[{i}]", e, lo=0.0) for i, e in enumerate(eps)]
+        if not radii:
+            raise ValueError("eps must hold at least one radius")
+        E, N = len(radii), x.shape[0]
+
+        def rep(t):
+            return None if t is None else t.unsqueeze(0).expand(E, *t.shape).reshape(E * N, *t.shape[1:])
+
+        per_example = torch.tensor(radii, dtype=x.dtype, device=x.device).repeat_interleave(N)
+        x_adv = _pgd(model, rep(x), rep(y.to(x.device)), norm, _broadcast_radii(per_example, x.dim()), n_iter,
+                     step_size, random_start, clamp, generator, objective, rep(x_init))
+        return x_adv.view(E, *x.shape)
+    if isinstance(eps, Tensor):
+        _validate.tensor("eps", eps, ndim=1, floating=True)
+        _validate.length("eps", eps, x.shape[0], "x")
+        # read on CPU only (a CUDA read would synchronise; there a negative radius is the caller's)
+        checkable = eps.device.type == "cpu" and not torch.compiler.is_compiling()
+        if checkable and not bool(((eps >= 0) & eps.isfinite()).all()):
+            raise ValueError("eps must hold finite radii >= 0")
+        eps = _broadcast_radii(eps.to(device=x.device, dtype=x.dtype), x.dim())
+    else:
+        eps = _validate.number("eps", eps, lo=0.0)
+    return _pgd(model, x, y, norm, eps, n_iter, step_size, random_start, clamp, generator, objective, x_init)
+
+
+def _broadcast_radii(eps: Tensor, ndim: int) -> Tensor:
+    """(N,) radii as (N, 1, ..., 1), to broadcast against an input of ndim dimensions."""
+    return eps.view(-1, *([1] * (ndim - 1)))
+
+
+def _pgd(model, x, y, norm, eps, n_iter, step_size, random_start, clamp, generator, objective, x_init):
+    """pgd_attack on validated arguments; eps a float or a broadcastable tensor of radii."""
+    alpha = 2.5 * eps / max(n_iter, 1) if step_size is None else step_size
     lo, hi = (None, None) if clamp is None else clamp
     x = x.detach()
     y = y.to(x.device)
+    if objective is None:
+        objective = lambda logits, target: F.cross_entropy(logits, target, reduction="sum")  # noqa: E731
 
     def project(x_adv):
         delta = x_adv - x
@@ -238,7 +290,9 @@ def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "linf", ep
         out = x + delta
         return out if clamp is None else out.clamp(lo, hi)
 
-    if random_start and eps > 0:
+    if x_init is not None:
+        x_adv = project(x_init.detach().to(x.device, x.dtype))
+    elif random_start and (isinstance(eps, Tensor) or eps > 0):
         if norm == "linf":
             start = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
         else:
@@ -253,7 +307,7 @@ def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "linf", ep
         for _ in range(n_iter):
             x_adv = x_adv.detach().requires_grad_(True)
             with torch.enable_grad():
-                loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+                loss = objective(model(x_adv), y)
                 g, = torch.autograd.grad(loss, [x_adv])
             with torch.no_grad():
                 if norm == "linf":
