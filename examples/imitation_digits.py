@@ -37,25 +37,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import structloss_fast as slf  # noqa: E402
 
+import _digits  # noqa: E402  (examples/_digits.py)
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def load_digits_split(seed: int, test_fraction: float = 0.25):
     """Digits as (N, 64) in [0, 1], split per class into train and test."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(d.target, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    train, test = [], []
-    for c in range(10):
-        idx = (y == c).nonzero().flatten()
-        idx = idx[torch.randperm(idx.numel(), generator=g)]
-        k = int(round(idx.numel() * test_fraction))
-        test.append(idx[:k])
-        train.append(idx[k:])
-    train, test = torch.cat(train), torch.cat(test)
+    x, y, train, test, _ = _digits.load(seed, test_fraction)
     return x[train], y[train], x[test], y[test]
 
 

@@ -24,27 +24,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from structloss_fast import jem_eval  # noqa: E402
+from structloss_fast.jem import evaluation as jem_eval  # noqa: E402
 from structloss_fast.jem import JEMDivergenceError, JEMTrainer  # noqa: E402
 from structloss_fast.jem.models import SmallCNN  # noqa: E402
+
+import _digits  # noqa: E402  (examples/_digits.py)
 
 
 def load_digits_tensors(seed: int = 0, test_fraction: float = 0.25):
     """Digits as (N, 1, 8, 8) in [-1, 1], split per class into train and test."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0 * 2 - 1
-    y = torch.tensor(d.target, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    train, test = [], []
-    for c in range(10):
-        idx = (y == c).nonzero().flatten()
-        idx = idx[torch.randperm(idx.numel(), generator=g)]
-        k = int(round(idx.numel() * test_fraction))
-        test.append(idx[:k])
-        train.append(idx[k:])
-    train, test = torch.cat(train), torch.cat(test)
+    x, y, train, test, g = _digits.load(seed, test_fraction)
+    x = x.view(-1, 1, 8, 8) * 2 - 1
     # interleave the classes (any prefix, e.g. the attacked subset, holds every class)
     train = train[torch.randperm(train.numel(), generator=g)]
     test = test[torch.randperm(test.numel(), generator=g)]

@@ -9,7 +9,7 @@ import time
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import _validate
 
@@ -72,6 +72,22 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, mome
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+class eval_mode:
+    """`with eval_mode(model):` the model in eval mode (dropout off, batch-norm statistics frozen),
+    its previous mode restored afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
 
 
 class _NullBar:

@@ -182,16 +182,6 @@ SLF_HD T clamp_nan(T v, T lo, T hi) {
 }
 
 // Step coefficients and clamps, in the compute type T (float for float16/bfloat16/float32).
-// The arithmetic type of the update: float for float, half and bfloat16 inputs, double for double.
-template <typename T>
-struct Compute {
-  using type = float;
-};
-template <>
-struct Compute<double> {
-  using type = double;
-};
-
 template <typename T>
 struct StepCoefs {
   T step, noise;

@@ -157,4 +157,15 @@ SLF_HD float log_fast(float x) {
 
 SLF_HD double log_fast(double x) { return log(x); }
 
+// The arithmetic type of an elementwise kernel on T: float for float, half and bfloat16
+// (reduced types are computed in float), double for double.
+template <typename T>
+struct Compute {
+  using type = float;
+};
+template <>
+struct Compute<double> {
+  using type = double;
+};
+
 }  // namespace structloss_fast

@@ -30,16 +30,6 @@ struct Span {
   int64_t end;
 };
 
-// float for the reduced types and float, double for double: the precision of the gradients.
-template <typename T>
-struct Compute {
-  using type = float;
-};
-template <>
-struct Compute<double> {
-  using type = double;
-};
-
 // sum_j (s_j - t_j)^2 over one span, in float64 (the difference of two floats is exact in
 // double, so the only roundings are those of the squares' accumulation).
 template <typename scalar_t>

@@ -12,24 +12,13 @@ from torch import Tensor, nn
 
 
 from .. import _validate
+from .._train import eval_mode as _eval_mode
 from .._module import LossModule
 from ..jem.evaluation import pgd_attack
 
 __all__ = ["pgd_adversarial_loss", "trades_loss", "PGDAdversarialLoss", "TRADESLoss", "TRADES_START_STD"]
 
 TRADES_START_STD = 0.001  # the TRADES authors' start: x + 0.001 N(0, I)
-
-
-class _eval_mode:
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
 
 
 def _check_model(model) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validate
+from .._train import eval_mode as _eval_mode
 
 __all__ = [
     "predict_logits", "predict_probs", "accuracy", "calibration_bins", "expected_calibration_error",
@@ -21,19 +22,6 @@ __all__ = [
 ]
 
 OOD_SCORES = ("lse", "max_softmax", "grad_norm")
-
-
-class _eval_mode:
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
 
 
 def _batches(n: int, batch_size: int):
