@@ -1,14 +1,20 @@
 """Triton kernels of the fused pairwise engine (flash-attention style, no B x M matrix).
 
 Forward: one program per block of anchor rows walks all reference tiles, forms S = X R^T on
-the fly (fp32 accumulation, bf16/fp16 tensor-core inputs) and keeps online per-row statistics
-(running max and sum-exp per set, sums, counts, arg-extrema); it writes the engine's 8 row
-statistics (PairStat, csrc/common/ids.h). NT-Xent needs a second sweep once the
-negatives' log-sum-exp is known. Backward: two kernels that recompute the tiles, so neither
-needs atomics and the result is deterministic: one over row blocks (dX += G R), one over
-reference blocks (dR += G^T X). Triplet loss over all triplets needs per-anchor sorted
-distance lists and has no Triton kernel (the compiled CUDA backend covers it).
-The same code runs on CPU tensors under TRITON_INTERPRET=1, which is how it is tested here.
+the fly (fp32 accumulation; bf16/fp16 tiles on tensor cores, fp32 as 3xTF32 on tensor cores,
+fp64 in fp64) and keeps online per-row statistics (running max and sum-exp per set, sums,
+counts, arg-extrema); it writes the engine's 8 row statistics (PairStat, csrc/common/ids.h).
+NT-Xent needs a second sweep once the negatives' log-sum-exp is known. Backward: two kernels
+that recompute the tiles, so neither needs atomics and the result is deterministic: one over
+row blocks (dX += G R), one over reference blocks (dR += G^T X), each also split over chunks
+of the embedding dimension (grid axis 1). Triplet loss over all triplets needs per-anchor
+sorted distance lists and has no Triton kernel (the compiled CUDA backend covers it).
+
+Every launch comes from the configuration table (GPU_TABLE): an entry either holds the
+embedding in one tile (D up to its max_size: the anchor tile stays put while the references
+stream by) or loops over D in BLOCK_K chunks (any D). Index arithmetic is 64-bit. The same
+code runs on CPU tensors under TRITON_INTERPRET=1 (with INTERPRETER_TABLE's small blocks, so
+that the D loops run), which is how it is tested without a GPU.
 """
 from __future__ import annotations
 
@@ -17,10 +23,11 @@ import triton
 import triton.language as tl
 
 from .._ids import PAIR_LOSS_INFO, PairGradMode, PairLoss, PairStat
+from .._triton_support import AotConfig, Entry, f64, f64_bits, launch, pick, rows_layout
 
-# Largest embedding size the kernels hold in one tile (the gradient accumulators span D).
-MAX_D = 2048
 SUPPORTED = tuple(loss for loss in PairLoss if loss != PairLoss.TRIPLET_ALL)
+# Batch-hard triplets keep the chosen reference columns in the (float32) row statistics.
+MAX_INDEXED_REFS = 1 << 24
 
 # The ids of csrc/common/ids.h as compile-time constants of the kernels.
 CIRCLE: tl.constexpr = tl.constexpr(int(PairLoss.CIRCLE))
@@ -39,6 +46,50 @@ ST_SUM1: tl.constexpr = tl.constexpr(int(PairStat.SUM1))
 ST_COUNT1: tl.constexpr = tl.constexpr(int(PairStat.COUNT1))
 ST_NUM_POS: tl.constexpr = tl.constexpr(int(PairStat.NUM_POS))
 ST_NUM_NEG: tl.constexpr = tl.constexpr(int(PairStat.NUM_NEG))
+# Losses of the distance ||x - r||, which needs the rows' squared norms.
+DISTANCE_LOSSES = (PairLoss.CONTRASTIVE, PairLoss.TRIPLET_HARD)
+
+
+def _entry(dtypes, max_d, block_m, block_n, block_k, block_do, warps, stages):
+    return Entry(dtypes, max_d, (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k),
+                                 ("BLOCK_DO", block_do)), warps, stages)
+
+
+HALF = ("bf16", "fp16")
+# The configuration table of the GPU: per dtype, entries that hold D in one tile (max_size = D
+# bound, BLOCK_K = BLOCK_DO >= it) and one that tiles D (max_size None): every D has an entry.
+# BLOCK_K chunks the products over D, BLOCK_DO the backward's output columns. Chosen so that
+# ptxas spills little (8 warps where 4 spilled hundreds of bytes; fp32's 3xTF32 splits need
+# smaller tiles); not tuned on a GPU.
+# tests/test_triton_build.py compiles each for sm_90 against the 227 KB of shared memory and
+# reports registers and spills.
+GPU_TABLE = (
+    _entry(HALF, 128, 64, 64, 128, 128, 8, 2),
+    _entry(HALF, 256, 64, 32, 256, 256, 8, 2),
+    _entry(HALF, None, 64, 64, 64, 128, 8, 3),
+    _entry(("fp32",), 64, 64, 32, 64, 64, 4, 2),
+    _entry(("fp32",), None, 64, 32, 32, 64, 4, 3),
+    _entry(("fp64",), 32, 32, 32, 32, 32, 4, 1),
+    _entry(("fp64",), None, 32, 32, 16, 64, 4, 2),
+)
+# Under the interpreter: small blocks, so that the tests' small D already loop over chunks.
+INTERPRETER_TABLE = (_entry(HALF + ("fp32", "fp64"), 16, 16, 16, 16, 16, 4, 1),
+                     _entry(HALF + ("fp32", "fp64"), None, 16, 16, 16, 16, 4, 1))
+
+
+def table(device: torch.device) -> tuple:
+    return GPU_TABLE if device.type == "cuda" else INTERPRETER_TABLE
+
+
+def resident(entry: Entry) -> bool:
+    """Whether the entry holds the whole embedding in one tile (then no D loops)."""
+    return entry.max_size is not None
+
+
+def precision(dtype) -> str:
+    """tl.dot's input precision: 16-bit tiles natively on tensor cores; fp32 as 3xTF32 (three
+    TF32 products of the split operands, about fp32's accuracy at tensor-core speed); fp64 as is."""
+    return {torch.float32: "tf32x3", torch.float64: "ieee"}.get(dtype, "tf32")
 
 
 @triton.jit
@@ -86,13 +137,15 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _unit_distance(s):
-    sq = 2.0 - 2.0 * s
+def _distance(s, nx, nr):
+    """||x - r|| from x.r and the squared norms: 1 for unit rows, 0 for the zero rows that
+    normalizing a zero embedding gives (a NaN stays NaN)."""
+    sq = (nx[:, None] + nr[None, :]) - 2.0 * s
     return tl.sqrt(tl.where(sq < 0.0, 0.0, sq))
 
 
 @triton.jit
-def _unit_distance_grad(d):
+def _distance_grad(d):
     return tl.where(d > 0.0, -1.0 / tl.where(d > 0.0, d, 1.0), tl.where(d != d, d, 0.0))
 
 
@@ -101,19 +154,39 @@ def _relu_grad(x):
     return tl.where(x > 0.0, 1.0, tl.where(x != x, x, 0.0))
 
 
+
+
 @triton.jit
-def _sim_tile(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-              ACC: tl.constexpr, UPCAST: tl.constexpr):
-    ks = tl.arange(0, BLOCK_D)
-    k_ok = ks < D
-    xt = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    rt = tl.load(R + cols[:, None] * stride_r + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+def _load_rows(P, rows, row_ok, k0, D, stride, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    """P[rows, k0:k0 + BLOCK] (zero outside), rows of unit inner stride; 64-bit offsets."""
+    ks = k0 + tl.arange(0, BLOCK)
+    t = tl.load(P + rows.to(tl.int64)[:, None] * stride + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :],
+                other=0.0)
     if UPCAST:
-        xt = xt.to(tl.float32)
-        rt = rt.to(tl.float32)
-    s = tl.dot(xt, tl.trans(rt), input_precision=PRECISION, out_dtype=ACC)
-    return s, xt, rt
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _sim_loop(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """S = X[rows] R[cols]^T accumulated over D in BLOCK_K chunks."""
+    s = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    for k0 in range(0, D, BLOCK_K):
+        xk = _load_rows(X, rows, row_ok, k0, D, stride_x, BLOCK_K, UPCAST)
+        rk = _load_rows(R, cols, col_ok, k0, D, stride_r, BLOCK_K, UPCAST)
+        s = tl.dot(xk, tl.trans(rk), s, input_precision=PRECISION, out_dtype=ACC)
+    return s
+
+
+@triton.jit
+def _grad_operand(g, like, UPCAST: tl.constexpr):
+    """The gradient tile as the second product reads it: in the tiles' dtype (bf16/fp16 on
+    the GPU). Under the interpreter bf16 tiles are widened, so round G to bf16 here too: the
+    tests then see the GPU's rounding."""
+    if UPCAST:
+        return g.to(tl.bfloat16).to(tl.float32)
+    return g.to(like.dtype)
 
 
 @triton.jit
@@ -123,7 +196,7 @@ def _tile_masks(lab, RLAB, rows, cols, row_ok, col_ok, M, SELF_OFFSET):
     valid = row_ok[:, None] & col_ok[None, :]
     pos = same & valid
     if SELF_OFFSET >= 0:
-        pos = pos & (((rows + SELF_OFFSET) % M)[:, None] != cols[None, :])
+        pos = pos & (((rows.to(tl.int64) + SELF_OFFSET) % M)[:, None] != cols[None, :])
     neg = (~same) & valid
     return same, pos, neg
 
@@ -143,14 +216,21 @@ def _finish_lse(m, l, count):
 
 
 @triton.jit
-def _pairwise_fwd_kernel(X, R, LAB, RLAB, STATS, B, M, D, stride_x, stride_r, p0, p1, p2, SELF_OFFSET,
-                         LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+def _pairwise_fwd_kernel(X, R, NX, NR, LAB, RLAB, STATS, B, M, D, stride_x, stride_r, p0_bits, p1_bits, p2_bits,
+                         SELF_OFFSET, LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                         UPCAST: tl.constexpr):
+    p0 = f64(p0_bits).to(ACC)
+    p1 = f64(p1_bits).to(ACC)
+    p2 = f64(p2_bits).to(ACC)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     lab = tl.load(LAB + rows, mask=row_ok, other=0)
     zero = tl.zeros((BLOCK_M,), ACC)
+    if RESIDENT:
+        xt = _load_rows(X, rows, row_ok, 0, D, stride_x, BLOCK_K, UPCAST)
+    if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
+        nx = tl.load(NX + rows, mask=row_ok, other=0.0)
     m_p = zero + float("-inf")
     m_n = zero + float("-inf")
     l_p = zero
@@ -164,8 +244,12 @@ def _pairwise_fwd_kernel(X, R, LAB, RLAB, STATS, B, M, D, stride_x, stride_r, p0
     for n0 in range(0, M, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        s, _, _ = _sim_tile(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r,
-                            BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC, UPCAST)
+        if RESIDENT:
+            rt = _load_rows(R, cols, col_ok, 0, D, stride_r, BLOCK_K, UPCAST)
+            s = tl.dot(xt, tl.trans(rt), input_precision=PRECISION, out_dtype=ACC)
+        else:
+            s = _sim_loop(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N, BLOCK_K,
+                          PRECISION, ACC, UPCAST)
         same, pos, neg = _tile_masks(lab, RLAB, rows, cols, row_ok, col_ok, M, SELF_OFFSET)
         c_p += tl.sum(pos.to(tl.int32), 1)
         c_n += tl.sum(neg.to(tl.int32), 1)
@@ -181,7 +265,7 @@ def _pairwise_fwd_kernel(X, R, LAB, RLAB, STATS, B, M, D, stride_x, stride_r, p0
             a = s / p0
             m_n, l_n = _online_lse(m_n, l_n, a, neg)
         elif LOSS == CONTRASTIVE:  # sums and non-zero counts of both pair losses
-            d = _unit_distance(s)
+            d = _distance(s, nx, tl.load(NR + cols, mask=col_ok, other=0.0))
             lp = tl.maximum(d - p0, 0.0)
             ln = tl.maximum(p1 - d, 0.0)
             lp = tl.where(d != d, d, lp)
@@ -191,7 +275,7 @@ def _pairwise_fwd_kernel(X, R, LAB, RLAB, STATS, B, M, D, stride_x, stride_r, p0
             acc2 += tl.sum(tl.where(neg, ln, 0.0), 1)
             acc3 += tl.sum(tl.where(neg & ~(ln <= 0.0), 1.0, 0.0), 1)
         else:  # batch-hard triplets: largest positive distance, smallest negative distance, first index
-            d = _unit_distance(s)
+            d = _distance(s, nx, tl.load(NR + cols, mask=col_ok, other=0.0))
             colf = cols.to(ACC)[None, :] + zero[:, None]
             tp = tl.max(tl.where(pos, d, float("-inf")), 1)
             ip = tl.min(tl.where(pos & (d == tp[:, None]), colf, float("inf")), 1)
@@ -205,7 +289,8 @@ def _pairwise_fwd_kernel(X, R, LAB, RLAB, STATS, B, M, D, stride_x, stride_r, p0
             m_n = tl.where(better_n, tn, m_n)
             acc3 = tl.where(better_n, i_n, acc3)
             acc2 = tl.where(tl.sum(neg.to(tl.int32), 1) > 0, 1.0, acc2)
-            l_p += tl.sum(tl.where(pos & (d != d), 1.0, 0.0), 1)  # NaN distances seen
+            # NaN distances seen (max/min skip a NaN on the GPU, and the interpreter follows)
+            l_p += tl.sum(tl.where(pos & (d != d), 1.0, 0.0), 1)
             l_n += tl.sum(tl.where(neg & (d != d), 1.0, 0.0), 1)
 
     if LOSS == NT_XENT:  # sweep 2: the positive pairs against the negatives' LSE
@@ -213,8 +298,12 @@ def _pairwise_fwd_kernel(X, R, LAB, RLAB, STATS, B, M, D, stride_x, stride_r, p0
         for n0 in range(0, M, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < M
-            s, _, _ = _sim_tile(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r,
-                                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC, UPCAST)
+            if RESIDENT:
+                rt = _load_rows(R, cols, col_ok, 0, D, stride_r, BLOCK_K, UPCAST)
+                s = tl.dot(xt, tl.trans(rt), input_precision=PRECISION, out_dtype=ACC)
+            else:
+                s = _sim_loop(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N, BLOCK_K,
+                              PRECISION, ACC, UPCAST)
             same, pos, neg = _tile_masks(lab, RLAB, rows, cols, row_ok, col_ok, M, SELF_OFFSET)
             z = lse_n[:, None] - s / p0
             acc0 += tl.sum(tl.where(pos, _softplus_exact(z), 0.0), 1)
@@ -311,7 +400,9 @@ def _row_coefs(STATS, W, rows, row_ok, LOSS: tl.constexpr, TERMS: tl.constexpr, 
 
 
 @triton.jit
-def _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, LOSS: tl.constexpr, p0, p1, p2):
+def _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, nx, nr, LOSS: tl.constexpr, p0, p1, p2):
+    """dl/ds of the tile; for the distance losses dl/dd * dd/ds with dd/ds = -1/d (the
+    kernels add the norms' part, (sum_j G_ij) x_i, at the end)."""
     if LOSS == CIRCLE or LOSS == UNIFIED or LOSS == MULTI_SIMILARITY:
         a, da = _pair_logits(s, same, LOSS, p0, p1, p2)
         lse = tl.where(same, aux0[:, None], aux1[:, None])
@@ -324,12 +415,12 @@ def _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, LOSS: tl.constexpr, 
         z = aux0[:, None] - s / p0
         g = tl.where(pos, -c0[:, None] * _sigmoid(z), tl.where(neg, c1[:, None] * tl.exp(tl.where(neg, -z, 0.0)), 0.0))
     elif LOSS == CONTRASTIVE:
-        d = _unit_distance(s)
-        dd = _unit_distance_grad(d)
+        d = _distance(s, nx, nr)
+        dd = _distance_grad(d)
         g = tl.where(pos, c0[:, None] * _relu_grad(d - p0) * dd, tl.where(neg, -c1[:, None] * _relu_grad(p1 - d) * dd, 0.0))
     else:
-        d = _unit_distance(s)
-        dd = _unit_distance_grad(d)
+        d = _distance(s, nx, nr)
+        dd = _distance_grad(d)
         colf = cols.to(s.dtype)[None, :]
         g = tl.where(colf == aux0[:, None], c0[:, None] * dd, tl.where(colf == aux1[:, None], -c0[:, None] * dd, 0.0))
         g = tl.where(pos | neg, g, 0.0)
@@ -337,49 +428,98 @@ def _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, LOSS: tl.constexpr, 
 
 
 @triton.jit
-def _pairwise_bwd_rows_kernel(X, R, LAB, RLAB, STATS, W, DX, B, M, D, stride_x, stride_r, p0, p1, p2, SELF_OFFSET,
-                              LOSS: tl.constexpr, TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    """DX[rows] = sum over reference tiles of G[rows, cols] @ R[cols]."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+def _pairwise_bwd_rows_kernel(X, R, NX, NR, LAB, RLAB, STATS, W, DX, B, M, D, stride_x, stride_r, p0_bits, p1_bits,
+                              p2_bits, SELF_OFFSET, LOSS: tl.constexpr, TERMS: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+                              RESIDENT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                              UPCAST: tl.constexpr):
+    """DX[rows, chunk] = sum over reference tiles of G[rows, cols] @ R[cols, chunk]; grid axis 1
+    runs over the BLOCK_DO chunks of D (one chunk when RESIDENT)."""
+    p0 = f64(p0_bits).to(ACC)
+    p1 = f64(p1_bits).to(ACC)
+    p2 = f64(p2_bits).to(ACC)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
+    d0 = tl.program_id(1) * BLOCK_DO
     lab = tl.load(LAB + rows, mask=row_ok, other=0)
     aux0, aux1, c0, c1 = _row_coefs(STATS, W, rows, row_ok, LOSS, TERMS, p0, p1)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+    if RESIDENT:
+        xt = _load_rows(X, rows, row_ok, 0, D, stride_x, BLOCK_K, UPCAST)
+    nx = tl.zeros((BLOCK_M,), ACC)
+    if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
+        nx = tl.load(NX + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC)
+    g_sum = tl.zeros((BLOCK_M,), ACC)
     for n0 in range(0, M, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        s, _, rt = _sim_tile(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r,
-                             BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC, UPCAST)
+        if RESIDENT:
+            rt = _load_rows(R, cols, col_ok, 0, D, stride_r, BLOCK_K, UPCAST)
+            s = tl.dot(xt, tl.trans(rt), input_precision=PRECISION, out_dtype=ACC)
+            r_out = rt
+        else:
+            s = _sim_loop(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N, BLOCK_K,
+                          PRECISION, ACC, UPCAST)
+            r_out = _load_rows(R, cols, col_ok, d0, D, stride_r, BLOCK_DO, UPCAST)
         same, pos, neg = _tile_masks(lab, RLAB, rows, cols, row_ok, col_ok, M, SELF_OFFSET)
-        g = _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, LOSS, p0, p1, p2)
-        acc += tl.dot(g.to(rt.dtype), rt, input_precision=PRECISION, out_dtype=ACC)
-    ks = tl.arange(0, BLOCK_D)
+        nr = tl.zeros((BLOCK_N,), ACC)
+        if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
+            nr = tl.load(NR + cols, mask=col_ok, other=0.0)
+        g = _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, nx, nr, LOSS, p0, p1, p2)
+        acc = tl.dot(_grad_operand(g, r_out, UPCAST), r_out, acc, input_precision=PRECISION, out_dtype=ACC)
+        if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
+            g_sum += tl.sum(g, 1)
+    ks = d0 + tl.arange(0, BLOCK_DO)
+    if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:  # d(|x|^2)/dx: the distance's x part
+        acc -= g_sum[:, None] * _load_rows(X, rows, row_ok, d0, D, stride_x, BLOCK_DO, UPCAST).to(ACC)
     tl.store(DX + rows[:, None] * D + ks[None, :], acc, mask=row_ok[:, None] & (ks[None, :] < D))
 
 
 @triton.jit
-def _pairwise_bwd_cols_kernel(X, R, LAB, RLAB, STATS, W, DR, B, M, D, stride_x, stride_r, p0, p1, p2, SELF_OFFSET,
-                              ACCUMULATE: tl.constexpr, LOSS: tl.constexpr, TERMS: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _pairwise_bwd_cols_kernel(X, R, NX, NR, LAB, RLAB, STATS, W, DR, B, M, D, stride_x, stride_r, p0_bits, p1_bits,
+                              p2_bits, SELF_OFFSET, ACCUMULATE: tl.constexpr, LOSS: tl.constexpr,
+                              TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr, RESIDENT: tl.constexpr,
                               PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    """DR[cols] (+)= sum over anchor blocks of G[rows, cols]^T @ X[rows]."""
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    """DR[cols, chunk] (+)= sum over anchor blocks of G[rows, cols]^T @ X[rows, chunk]."""
+    p0 = f64(p0_bits).to(ACC)
+    p1 = f64(p1_bits).to(ACC)
+    p2 = f64(p2_bits).to(ACC)
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < M
-    acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    d0 = tl.program_id(1) * BLOCK_DO
+    if RESIDENT:
+        rt = _load_rows(R, cols, col_ok, 0, D, stride_r, BLOCK_K, UPCAST)
+    nr = tl.zeros((BLOCK_N,), ACC)
+    if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
+        nr = tl.load(NR + cols, mask=col_ok, other=0.0)
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), ACC)
+    g_sum = tl.zeros((BLOCK_N,), ACC)
     for m0 in range(0, B, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < B
         lab = tl.load(LAB + rows, mask=row_ok, other=0)
         aux0, aux1, c0, c1 = _row_coefs(STATS, W, rows, row_ok, LOSS, TERMS, p0, p1)
-        s, xt, _ = _sim_tile(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r,
-                             BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC, UPCAST)
+        if RESIDENT:
+            xt = _load_rows(X, rows, row_ok, 0, D, stride_x, BLOCK_K, UPCAST)
+            s = tl.dot(xt, tl.trans(rt), input_precision=PRECISION, out_dtype=ACC)
+            x_out = xt
+        else:
+            s = _sim_loop(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N, BLOCK_K,
+                          PRECISION, ACC, UPCAST)
+            x_out = _load_rows(X, rows, row_ok, d0, D, stride_x, BLOCK_DO, UPCAST)
         same, pos, neg = _tile_masks(lab, RLAB, rows, cols, row_ok, col_ok, M, SELF_OFFSET)
-        g = _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, LOSS, p0, p1, p2)
-        acc += tl.dot(tl.trans(g.to(xt.dtype)), xt, input_precision=PRECISION, out_dtype=ACC)
-    ks = tl.arange(0, BLOCK_D)
+        nx = tl.zeros((BLOCK_M,), ACC)
+        if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
+            nx = tl.load(NX + rows, mask=row_ok, other=0.0)
+        g = _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, nx, nr, LOSS, p0, p1, p2)
+        acc = tl.dot(tl.trans(_grad_operand(g, x_out, UPCAST)), x_out, acc, input_precision=PRECISION,
+                     out_dtype=ACC)
+        if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
+            g_sum += tl.sum(g, 0)
+    ks = d0 + tl.arange(0, BLOCK_DO)
+    if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:  # d(|r|^2)/dr
+        acc -= g_sum[:, None] * _load_rows(R, cols, col_ok, d0, D, stride_r, BLOCK_DO, UPCAST).to(ACC)
     out_mask = col_ok[:, None] & (ks[None, :] < D)
     ptrs = DR + cols[:, None] * D + ks[None, :]
     if ACCUMULATE:
@@ -387,24 +527,7 @@ def _pairwise_bwd_cols_kernel(X, R, LAB, RLAB, STATS, W, DR, B, M, D, stride_x, 
     tl.store(ptrs, acc, mask=out_mask)
 
 
-def _config(D: int, dtype: torch.dtype, device: torch.device):
-    block_d = max(16, triton.next_power_of_2(D))
-    if device.type != "cuda":  # interpreter: few, small programs
-        return 16, 16, block_d, 4
-    if dtype == torch.float64:
-        return 16, 32, block_d, 4
-    if block_d <= 128:
-        return 64, 64, block_d, 4
-    if block_d <= 256:
-        return 64, 32, block_d, 8
-    if block_d <= 512:
-        return 32, 32, block_d, 8
-    return 16, 32, block_d, 8
-
-
-def _precision(dtype):
-    # fp32 inputs: full-precision products, as torch.mm does (no TF32) by default.
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+# ---------------------------------------------------------------- launches
 
 
 def _upcast(x):
@@ -417,41 +540,70 @@ def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def check_supported(x: torch.Tensor, loss: int) -> str | None:
-    """None when the kernels take this problem, else the reason."""
+def _stat_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_supported(x: torch.Tensor, loss: int, num_refs: int | None = None) -> str | None:
+    """None when the kernels take this problem, else the reason: derived from the table (every
+    dtype has an entry for any D) and the statistics' float32 column indices."""
     if loss not in SUPPORTED:
         return "triplet loss over all triplets has no Triton kernel (it needs per-anchor sorted distances); use backend='cuda'"
-    if x.shape[1] > MAX_D:
-        return f"the Triton pairwise kernels hold the embedding in one tile and take D <= {MAX_D}, got D={x.shape[1]}"
+    if pick(table(x.device), x.dtype, x.shape[1]) is None:
+        return f"the Triton pairwise kernels have no configuration for {x.dtype} embeddings of size {x.shape[1]}"
+    refs = x.shape[0] if num_refs is None else num_refs
+    if loss == PairLoss.TRIPLET_HARD and x.dtype != torch.float64 and refs > MAX_INDEXED_REFS:
+        return (f"batch-hard triplets keep the chosen reference index in float32 statistics: at most "
+                f"{MAX_INDEXED_REFS} references, got {refs}")
     return None
 
 
-def _params(params):
-    p = [float(v) for v in params] + [0.0] * (3 - len(params))
-    return p[0], p[1], p[2]
+def _norms(x, loss, placeholder):
+    """Squared row norms (0 or about 1 for normalized rows) for the distance losses; else an
+    unread placeholder of the same dtype (one compiled signature for every loss)."""
+    if loss not in DISTANCE_LOSSES:
+        return placeholder
+    return x.to(_stat_dtype(x)).square().sum(1)
 
 
-def _common(x, loss):
-    bm, bn, bd, warps = _config(x.shape[1], x.dtype, x.device)
-    return (bm, bn), dict(LOSS=loss, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=_precision(x.dtype),
-                          ACC=_acc(x.dtype), UPCAST=_upcast(x), num_warps=warps)
+def _prepare(x, labels, ref, ref_labels, ref_is_x, loss, params, placeholder):
+    x = rows_layout(x)
+    labels = labels.contiguous()
+    if ref_is_x:
+        ref, ref_labels = x, labels
+    else:
+        ref, ref_labels = rows_layout(ref), ref_labels.contiguous()
+    nx = _norms(x, loss, placeholder)
+    nr = nx if ref_is_x else _norms(ref, loss, placeholder)
+    bits = [f64_bits(v) for v in params] + [0] * (3 - len(params))
+    entry = pick(table(x.device), x.dtype, x.shape[1])
+    if entry is None:
+        raise RuntimeError(check_supported(x, loss))
+    return x, labels, ref, ref_labels, nx, nr, bits, entry
 
 
-def forward_row_stats(x, labels, ref, ref_labels, self_offset: int, loss: int, params) -> torch.Tensor:
+def _constexprs(entry: Entry, x_dtype, loss: int, upcast: bool) -> dict:
+    return dict(LOSS=int(loss), BLOCK_M=entry.block("BLOCK_M"), BLOCK_N=entry.block("BLOCK_N"),
+                BLOCK_K=entry.block("BLOCK_K"), RESIDENT=resident(entry), PRECISION=precision(x_dtype),
+                ACC=_acc(x_dtype), UPCAST=upcast)
+
+
+def forward_row_stats(x, labels, ref, ref_labels, self_offset: int, loss: int, params, ref_is_x: bool = False):
     """(B, NUM_STATS) row statistics in float32 (float64 for float64 x)."""
     B, D = x.shape
     M = ref.shape[0]
-    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    stats = torch.zeros((B, NUM_STATS), dtype=stat_dtype, device=x.device)
+    stats = torch.zeros((B, NUM_STATS), dtype=_stat_dtype(x), device=x.device)
     if B == 0 or M == 0:
         if loss in (PairLoss.CIRCLE, PairLoss.UNIFIED, PairLoss.MULTI_SIMILARITY):
             stats[:, PairStat.AUX0] = float("-inf")
             stats[:, PairStat.AUX1] = float("-inf")
         return stats
-    (bm, _), kw = _common(x, loss)
-    _pairwise_fwd_kernel[(triton.cdiv(B, bm),)](
-        x, ref, labels, ref_labels, stats, B, M, D, x.stride(0), ref.stride(0), *_params(params), int(self_offset), **kw
-    )
+    x, labels, ref, ref_labels, nx, nr, bits, entry = _prepare(x, labels, ref, ref_labels, ref_is_x, loss, params,
+                                                               stats)
+    kw = _constexprs(entry, x.dtype, loss, _upcast(x))
+    launch(_pairwise_fwd_kernel, (triton.cdiv(B, kw["BLOCK_M"]),),
+           x, ref, nx, nr, labels, ref_labels, stats, B, M, D, x.stride(0), ref.stride(0), *bits, int(self_offset),
+           num_warps=entry.num_warps, num_stages=entry.num_stages, **kw)
     return stats
 
 
@@ -459,28 +611,29 @@ def backward(x, labels, ref, ref_labels, row_stats, row_weights, self_offset: in
              ref_grad: bool):
     """structloss_fast::pairwise_loss_backward_triton: (grad_x, grad_ref) in float32 (float64 for
     float64 x); grad_ref is empty with ref_is_x or without ref_grad."""
-    if ref_is_x:
-        ref, ref_labels = x, labels
     B, D = x.shape
-    M = ref.shape[0]
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    M = B if ref_is_x else ref.shape[0]
+    acc_dtype = _stat_dtype(x)
     grad_x = torch.zeros((B, D), dtype=acc_dtype, device=x.device)
     want_ref = ref_grad and not ref_is_x
     grad_ref = torch.zeros((M if want_ref else 0, D), dtype=acc_dtype, device=x.device)
     if B == 0 or M == 0:
         return grad_x, grad_ref
     row_stats = row_stats.to(acc_dtype).contiguous()
+    x, labels, ref, ref_labels, nx, nr, bits, entry = _prepare(x, labels, ref, ref_labels, ref_is_x, loss, params,
+                                                               row_stats)
     row_weights = row_weights.to(acc_dtype).contiguous()
-    (bm, bn), kw = _common(x, loss)
-    args = (x, ref, labels, ref_labels, row_stats, row_weights)
-    scalars = (B, M, D, x.stride(0), ref.stride(0), *_params(params), int(self_offset))
-    terms = row_weights.shape[1]
-    _pairwise_bwd_rows_kernel[(triton.cdiv(B, bm),)](*args, grad_x, *scalars, TERMS=terms, **kw)
+    kw = _constexprs(entry, x.dtype, loss, _upcast(x))
+    kw.update(TERMS=row_weights.shape[1], BLOCK_DO=entry.block("BLOCK_DO"), num_warps=entry.num_warps,
+              num_stages=entry.num_stages)
+    args = (x, ref, nx, nr, labels, ref_labels, row_stats, row_weights)
+    scalars = (B, M, D, x.stride(0), ref.stride(0), *bits, int(self_offset))
+    d_chunks = triton.cdiv(D, kw["BLOCK_DO"])
+    launch(_pairwise_bwd_rows_kernel, (triton.cdiv(B, kw["BLOCK_M"]), d_chunks), *args, grad_x, *scalars, **kw)
     if ref_is_x or want_ref:
         target = grad_x if ref_is_x else grad_ref
-        _pairwise_bwd_cols_kernel[(triton.cdiv(M, bn),)](
-            *args, target, *scalars, ACCUMULATE=ref_is_x, TERMS=terms, **kw
-        )
+        launch(_pairwise_bwd_cols_kernel, (triton.cdiv(M, kw["BLOCK_N"]), d_chunks), *args, target, *scalars,
+               ACCUMULATE=ref_is_x, **kw)
     return grad_x, grad_ref
 
 
@@ -492,7 +645,7 @@ def forward(x, labels, ref, ref_labels, self_offset: int, ref_is_x: bool, loss: 
     asks it for forward gradients (on a GPU recomputing them in backward, flash-attention style,
     is cheaper); when asked, it runs the backward kernels with unit weights per term."""
     ref_in, ref_lab = (x, labels) if ref_is_x else (ref, ref_labels)
-    stats = forward_row_stats(x, labels, ref_in, ref_lab, self_offset, loss, params)
+    stats = forward_row_stats(x, labels, ref_in, ref_lab, self_offset, loss, params, ref_is_x)
     B, D = x.shape
     M = ref.shape[0]
     T = PAIR_LOSS_INFO[loss].terms if grad_mode != PairGradMode.NONE else 0
@@ -512,25 +665,30 @@ def forward(x, labels, ref, ref_labels, self_offset: int, ref_is_x: bool, loss: 
 # ---------------------------------------------------------------- ahead-of-time compile check
 
 
-def aot_configs():
-    """(kernel, signature, constexprs, num_warps) of configurations that tests/test_triton_build.py
-    compiles for sm_90 without a GPU: every kernel and supported loss in bf16, and Circle in
-    fp32 and fp64, at the GPU block sizes of D = 128."""
+def aot_configs(full: bool = False):
+    """The specializations tests/test_triton_build.py compiles for sm_90: every GPU_TABLE entry
+    for each kernel, as the JIT specializes them for aligned tensors and sizes divisible by 16;
+    with Circle loss in the entry's first dtype, or (full=True) every supported loss in every
+    dtype of the entry."""
     out = []
-    for loss in SUPPORTED:
-        dtypes = [("bf16", "fp32")] + ([("fp32", "fp32"), ("fp64", "fp64")] if loss == PairLoss.CIRCLE else [])
-        for x_dtype, acc in dtypes:
-            torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[x_dtype]
-            bm, bn, bd, warps = _config(128, torch_dtype, torch.device("cuda"))
-            terms = PAIR_LOSS_INFO[loss].terms
-            sig = {"X": f"*{x_dtype}", "R": f"*{x_dtype}", "LAB": "*i64", "RLAB": "*i64", "STATS": f"*{acc}"}
-            scalars = {"B": "i32", "M": "i32", "D": "i32", "stride_x": "i32", "stride_r": "i32", "p0": "fp32",
-                       "p1": "fp32", "p2": "fp32", "SELF_OFFSET": "i32"}
-            consts = dict(LOSS=int(loss), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=_precision(torch_dtype),
-                          ACC=_acc(torch_dtype), UPCAST=False)
-            out.append((_pairwise_fwd_kernel, {**sig, **scalars}, consts, warps))
-            out.append((_pairwise_bwd_rows_kernel, {**sig, "W": f"*{acc}", "DX": f"*{acc}", **scalars},
-                        {**consts, "TERMS": terms}, warps))
-            out.append((_pairwise_bwd_cols_kernel, {**sig, "W": f"*{acc}", "DR": f"*{acc}", **scalars},
-                        {**consts, "TERMS": terms, "ACCUMULATE": True}, warps))
+    for entry in GPU_TABLE:
+        for dt in entry.dtypes if full else entry.dtypes[:1]:
+            acc = "fp64" if dt == "fp64" else "fp32"
+            tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[dt]
+            ptrs = {"X": f"*{dt}", "R": f"*{dt}", "NX": f"*{acc}", "NR": f"*{acc}", "LAB": "*i64", "RLAB": "*i64",
+                    "STATS": f"*{acc}"}
+            scalars = {"B": "i32", "M": "i32", "D": "i32", "stride_x": "i32", "stride_r": "i32", "p0_bits": "i64",
+                       "p1_bits": "i64", "p2_bits": "i64", "SELF_OFFSET": "i32"}
+            divisible = tuple(ptrs) + ("W", "DX", "DR", "D", "stride_x", "stride_r")
+            for loss in SUPPORTED if full else (PairLoss.CIRCLE,):
+                consts = _constexprs(entry, tdt, loss, False)
+                label = f"{entry.describe()} {dt} loss={PairLoss(loss).name.lower()}"
+                terms = PAIR_LOSS_INFO[loss].terms
+                out.append(AotConfig(_pairwise_fwd_kernel, {**ptrs, **scalars}, consts, entry.num_warps,
+                                     entry.num_stages, divisible, label))
+                bwd = {**consts, "TERMS": terms, "BLOCK_DO": entry.block("BLOCK_DO")}
+                out.append(AotConfig(_pairwise_bwd_rows_kernel, {**ptrs, "W": f"*{acc}", "DX": f"*{acc}", **scalars},
+                                     bwd, entry.num_warps, entry.num_stages, divisible, label))
+                out.append(AotConfig(_pairwise_bwd_cols_kernel, {**ptrs, "W": f"*{acc}", "DR": f"*{acc}", **scalars},
+                                     {**bwd, "ACCUMULATE": True}, entry.num_warps, entry.num_stages, divisible, label))
     return out
