@@ -31,6 +31,7 @@ SHARED_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 1
 TRITON_FAMILIES = ("pairwise", "softmax", "seal")
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+)")
 _FLOAT_ARG = re.compile(r"(%[\w]+)\s*:\s*(f16|bf16|f32|f64)\b")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -141,13 +142,14 @@ def compile_one(cfg, arch: int) -> dict:
         return rec
     rec["seconds"] = round(time.perf_counter() - t0, 2)
     ptxas = log.getvalue()
-    regs = _PTXAS_REGS.findall(ptxas)
     spills = _PTXAS_SPILLS.findall(ptxas)
+    registers, stack = resource_usage(kernel.asm["cubin"])
     rec.update(
         ok=True,
         shared=int(kernel.metadata.shared),
-        registers=int(regs[-1]) if regs else None,
-        spill_stores=int(spills[-1][0]) if spills else None,
+        registers=registers,
+        stack=stack,
+        spill_stores=int(spills[-1][0]) if spills else None,  # None: taken from the cache (see stack)
         spill_loads=int(spills[-1][1]) if spills else None,
         narrow_products=narrow_address_products(kernel.asm["ttir"]),
         float_scalars=float_scalar_arguments(kernel.asm["ttir"]),
@@ -155,6 +157,28 @@ def compile_one(cfg, arch: int) -> dict:
         wgmma="wgmma" in kernel.asm["ptx"],
     )
     return rec
+
+
+def resource_usage(cubin: bytes) -> tuple:
+    """(registers, stack bytes) per thread from cuobjdump -res-usage (Triton bundles it): read
+    from the binary, so they are known for a kernel taken from Triton's cache too (ptxas' own
+    report, with the spill bytes, only comes with a fresh compile). Spilled registers live on
+    the stack."""
+    import subprocess
+    import tempfile
+
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            out = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True,
+                                 timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None, None
+    m = _RES_USAGE.search(out)
+    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
 
 
 def check(rec: dict, limit: int) -> list[str]:
@@ -202,15 +226,16 @@ def run(families, full: bool, arch: int, jobs: int, timeout: float | None = None
 
 
 def summary_lines(records: list[dict], limit: int) -> list[str]:
-    lines = [f"{'kernel':<28} {'shared':>8} {'regs':>5} {'spill':>6} {'wgmma':>5} {'s':>5}  configuration"]
+    lines = [f"{'kernel':<28} {'shared':>8} {'regs':>5} {'stack':>6} {'spill':>6} {'wgmma':>5} {'s':>5}  configuration"]
     for r in records:
         if not r.get("ok"):
             lines.append(f"{r['kernel']:<28} {'FAILED':>8}  {r.get('label', '')}: {r.get('error', '')[:160]}")
             continue
         spill = "-" if r["spill_stores"] is None else str(r["spill_stores"])
         regs = "-" if r["registers"] is None else str(r["registers"])
+        stack = "-" if r["stack"] is None else str(r["stack"])
         mark = " OVER" if r["shared"] > limit else ""
-        lines.append(f"{r['kernel']:<28} {r['shared']:>8} {regs:>5} {spill:>6} {str(r['wgmma']):>5} "
+        lines.append(f"{r['kernel']:<28} {r['shared']:>8} {regs:>5} {stack:>6} {spill:>6} {str(r['wgmma']):>5} "
                      f"{r['seconds']:>5}  {r['label']}{mark}")
     return lines
 
