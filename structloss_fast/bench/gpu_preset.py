@@ -154,42 +154,38 @@ def _gemm_floor(size, device):
 # ---------------------------------------------------------------- the preset
 
 
+def _pair_flops(size: dict) -> float:
+    """The three B x B x D products of a forward + backward (the GEMM floor's work)."""
+    return 3 * 2.0 * size["B"] ** 2 * size["D"]
+
+
+def _pairwise_cases() -> list[PresetCase]:
+    out = []
+    for name, case_key, what in (("circle", "pairwise/circle_loss_bf16", "Circle loss (m=0.4, gamma=80)"),
+                                 ("supcon", "pairwise/supcon_loss", "SupCon (t=0.1)")):
+        ours = _suite(case_key, "structloss_fast")
+        out.append(PresetCase(
+            f"{name}_bf16", f"{what}, bf16, D=256, fwd+bwd",
+            size={"B": 65536, "D": 256, "dtype": "bfloat16"}, tiny={"B": 64, "D": 32},
+            providers={"structloss_fast": ours, "mm_floor": _suite("pairwise/circle_loss", "mm_floor")},
+            flops=_pair_flops, target="within 2x of the three-GEMM floor (mm_floor), memory O(B*D)"))
+        out.append(PresetCase(
+            f"{name}_bf16_vs_pml", f"{what}, bf16, B=16384, D=256, fwd+bwd, beside PML",
+            size={"B": 16384, "D": 256, "dtype": "bfloat16"}, tiny={"B": 64, "D": 32},
+            providers={"structloss_fast": ours, "pml": _suite(case_key, "pml")},
+            flops=_pair_flops, target="at least 50x faster than PML", needs={"pml": "pytorch_metric_learning"}))
+    return out
+
+
 def cases() -> list[PresetCase]:
     bf16 = "bfloat16"
     return [
-        PresetCase(
-            "circle_bf16", "Circle loss (m=0.4, gamma=80), bf16, D=256, fwd+bwd",
-            size={"B": 65536, "D": 256, "dtype": bf16}, tiny={"B": 64, "D": 32},
-            providers={"structloss_fast": _suite("pairwise/circle_loss_bf16", "structloss_fast"),
-                       "mm_floor": _suite("pairwise/circle_loss", "mm_floor")},
-            flops=lambda s: 3 * 2.0 * s["B"] ** 2 * s["D"],
-            target="within 2x of the three-GEMM floor (mm_floor), memory O(B*D)"),
-        PresetCase(
-            "circle_bf16_vs_pml", "Circle loss, bf16, B=16384, D=256, fwd+bwd, beside PML",
-            size={"B": 16384, "D": 256, "dtype": bf16}, tiny={"B": 64, "D": 32},
-            providers={"structloss_fast": _suite("pairwise/circle_loss_bf16", "structloss_fast"),
-                       "pml": _suite("pairwise/circle_loss_bf16", "pml")},
-            flops=lambda s: 3 * 2.0 * s["B"] ** 2 * s["D"], target="at least 50x faster than PML",
-            needs={"pml": "pytorch_metric_learning"}),
-        PresetCase(
-            "supcon_bf16", "SupCon (t=0.1), bf16, D=256, fwd+bwd",
-            size={"B": 65536, "D": 256, "dtype": bf16}, tiny={"B": 64, "D": 32},
-            providers={"structloss_fast": _suite("pairwise/supcon_loss", "structloss_fast"),
-                       "mm_floor": _suite("pairwise/circle_loss", "mm_floor")},
-            flops=lambda s: 3 * 2.0 * s["B"] ** 2 * s["D"],
-            target="within 2x of the three-GEMM floor (mm_floor), memory O(B*D)"),
-        PresetCase(
-            "supcon_bf16_vs_pml", "SupCon, bf16, B=16384, D=256, fwd+bwd, beside PML",
-            size={"B": 16384, "D": 256, "dtype": bf16}, tiny={"B": 64, "D": 32},
-            providers={"structloss_fast": _suite("pairwise/supcon_loss", "structloss_fast"),
-                       "pml": _suite("pairwise/supcon_loss", "pml")},
-            flops=lambda s: 3 * 2.0 * s["B"] ** 2 * s["D"], target="at least 50x faster than PML",
-            needs={"pml": "pytorch_metric_learning"}),
+        *_pairwise_cases(),
         PresetCase(
             "single_positive_contrastive", "two views, one positive each (CLIP-style), t=0.07, D=256",
             size={"B": 32768, "D": 256, "t": 0.07, "dtype": "float32"}, tiny={"B": 32, "D": 32, "t": 0.07},
             providers={"structloss_fast": _ours_single_positive, "inf_cl": _inf_cl},
-            flops=lambda s: 3 * 2.0 * s["B"] ** 2 * s["D"], gpu_only=("inf_cl",), needs={"inf_cl": "inf_cl"}),
+            flops=_pair_flops, gpu_only=("inf_cl",), needs={"inf_cl": "inf_cl"}),
         PresetCase(
             "encouraging_loss", "Encouraging Loss, bf16 logits N=8192, C=128000, fwd+bwd",
             size={"N": 8192, "C": 128000, "dtype": bf16}, tiny={"N": 16, "C": 100},
