@@ -130,3 +130,22 @@ def test_gpu_marker_is_applied(request):
     for item in items:
         if is_gpu_test(item):
             assert item.get_closest_marker("gpu") is not None, item.nodeid
+
+
+@pytest.mark.parametrize("B", [512, 2048, 8192, 65536])
+def test_pairwise_grids_fill_an_h100(monkeypatch, B):
+    """The sweep over the references is split so that a batch too small for one program per SM
+    (B = 2048: 32 blocks of 64 rows, 132 SMs) still starts about two programs per SM, and a
+    large one is not split (each split costs a merge)."""
+    from structloss_fast.pairwise import _triton as tk
+
+    monkeypatch.setattr(tk, "_multiprocessors", lambda device: 132)
+    cuda = torch.device("cuda")
+    for entry in tk.GPU_TABLE:
+        row_blocks = -(-B // entry.block("BLOCK_M"))
+        splits, split_len = tk.split_sweep(row_blocks, B, entry.block("BLOCK_N"), cuda)
+        assert row_blocks * splits >= min(132, -(-B // entry.block("BLOCK_N")) * row_blocks), (entry, splits)
+        assert split_len % entry.block("BLOCK_N") == 0 and splits * split_len >= B > (splits - 1) * split_len
+        if row_blocks >= 2 * 132:
+            assert splits == 1
+    assert tk.split_sweep(1, 10_000, 64, cuda, allowed=False) == (1, 10_048)

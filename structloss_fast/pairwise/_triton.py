@@ -1,20 +1,25 @@
 """Triton kernels of the fused pairwise engine (flash-attention style, no B x M matrix).
 
-Forward: one program per block of anchor rows walks all reference tiles, forms S = X R^T on
-the fly (fp32 accumulation; bf16/fp16 tiles on tensor cores, fp32 as 3xTF32 on tensor cores,
-fp64 in fp64) and keeps online per-row statistics (running max and sum-exp per set, sums,
-counts, arg-extrema); it writes the engine's 8 row statistics (PairStat, csrc/common/ids.h).
-NT-Xent needs a second sweep once the negatives' log-sum-exp is known. Backward: two kernels
-that recompute the tiles, so neither needs atomics and the result is deterministic: one over
-row blocks (dX += G R), one over reference blocks (dR += G^T X), each also split over chunks
-of the embedding dimension (grid axis 1). Triplet loss over all triplets needs per-anchor
-sorted distance lists and has no Triton kernel (the compiled CUDA backend covers it).
+Forward: programs over (block of anchor rows, split of the references) walk their reference
+tiles, form S = X R^T on the fly (fp32 accumulation; bf16/fp16 tiles on tensor cores, fp32 as
+3xTF32 on tensor cores, fp64 in fp64) and keep online per-row states (running max and sum-exp
+per set, sums, counts, arg-extrema); a finish kernel merges the splits' states in order and
+writes the engine's 8 row statistics (PairStat, csrc/common/ids.h). The references are split
+only when the row blocks alone would leave the GPU idle (B = 2048 is 32 blocks of 64 rows:
+a quarter of an H100). NT-Xent needs a second sweep once the negatives' log-sum-exp is known
+(one split). Backward: two kernels that recompute the tiles, so neither needs atomics and the
+result is deterministic: one over row blocks (dX += G R), one over reference blocks
+(dR += G^T X), each also split over chunks of the embedding dimension (grid axis 1) and over
+its sweep (grid axis 2, per-split partials summed in order). Triplet loss over all triplets
+needs per-anchor sorted distance lists and has no Triton kernel (the compiled CUDA backend
+covers it).
 
 Every launch comes from the configuration table (GPU_TABLE): an entry either holds the
 embedding in one tile (D up to its max_size: the anchor tile stays put while the references
 stream by) or loops over D in BLOCK_K chunks (any D). Index arithmetic is 64-bit. The same
-code runs on CPU tensors under TRITON_INTERPRET=1 (with INTERPRETER_TABLE's small blocks, so
-that the D loops run), which is how it is tested without a GPU.
+code runs on CPU tensors under TRITON_INTERPRET=1 (with INTERPRETER_TABLE's small blocks and
+up to 3 splits, so that the D loops and the merges run), which is how it is tested without a
+GPU.
 """
 from __future__ import annotations
 
@@ -46,6 +51,19 @@ ST_SUM1: tl.constexpr = tl.constexpr(int(PairStat.SUM1))
 ST_COUNT1: tl.constexpr = tl.constexpr(int(PairStat.COUNT1))
 ST_NUM_POS: tl.constexpr = tl.constexpr(int(PairStat.NUM_POS))
 ST_NUM_NEG: tl.constexpr = tl.constexpr(int(PairStat.NUM_NEG))
+# The forward's per-row state of one split of the reference sweep (merged by the finish kernel).
+PART_COLUMNS = ("m_p", "l_p", "m_n", "l_n", "acc0", "acc1", "acc2", "acc3", "c_p", "c_n")
+NUM_PART: tl.constexpr = tl.constexpr(len(PART_COLUMNS))
+PT_M_P: tl.constexpr = tl.constexpr(PART_COLUMNS.index("m_p"))
+PT_L_P: tl.constexpr = tl.constexpr(PART_COLUMNS.index("l_p"))
+PT_M_N: tl.constexpr = tl.constexpr(PART_COLUMNS.index("m_n"))
+PT_L_N: tl.constexpr = tl.constexpr(PART_COLUMNS.index("l_n"))
+PT_ACC0: tl.constexpr = tl.constexpr(PART_COLUMNS.index("acc0"))
+PT_ACC1: tl.constexpr = tl.constexpr(PART_COLUMNS.index("acc1"))
+PT_ACC2: tl.constexpr = tl.constexpr(PART_COLUMNS.index("acc2"))
+PT_ACC3: tl.constexpr = tl.constexpr(PART_COLUMNS.index("acc3"))
+PT_C_P: tl.constexpr = tl.constexpr(PART_COLUMNS.index("c_p"))
+PT_C_N: tl.constexpr = tl.constexpr(PART_COLUMNS.index("c_n"))
 # Losses of the distance ||x - r||, which needs the rows' squared norms.
 DISTANCE_LOSSES = (PairLoss.CONTRASTIVE, PairLoss.TRIPLET_HARD)
 
@@ -180,6 +198,29 @@ def _sim_loop(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M: 
 
 
 @triton.jit
+def _tile_similarity(X, R, xt, rt, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
+                     ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """S of the tile: from the tiles xt, rt when they hold all of D (RESIDENT), else over D in
+    BLOCK_K chunks."""
+    if RESIDENT:
+        s = tl.dot(xt, tl.trans(rt), input_precision=PRECISION, out_dtype=ACC)
+    else:
+        s = _sim_loop(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+                      ACC, UPCAST)
+    return s
+
+
+@triton.jit
+def _squared_norms(N, idx, ok, LOSS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """The rows' squared norms for the distance losses (zeros, unread, for the others)."""
+    if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
+        return tl.load(N + idx, mask=ok, other=0.0).to(ACC)
+    else:
+        return tl.zeros((BLOCK,), ACC)
+
+
+@triton.jit
 def _grad_operand(g, like, UPCAST: tl.constexpr):
     """The gradient tile as the second product reads it: in the tiles' dtype (bf16/fp16 on
     the GPU). Under the interpreter bf16 tiles are widened, so round G to bf16 here too: the
@@ -216,21 +257,26 @@ def _finish_lse(m, l, count):
 
 
 @triton.jit
-def _pairwise_fwd_kernel(X, R, NX, NR, LAB, RLAB, STATS, B, M, D, stride_x, stride_r, p0_bits, p1_bits, p2_bits,
-                         SELF_OFFSET, LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _pairwise_fwd_kernel(X, R, NX, NR, LAB, RLAB, PART, B, M, D, stride_x, stride_r, p0_bits, p1_bits, p2_bits,
+                         SELF_OFFSET, split_len, LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                          UPCAST: tl.constexpr):
+    """Program (row block, split): the row block against references [split * split_len, ...),
+    its per-row state written to PART (B, splits, NUM_PART) for _pairwise_finish_kernel."""
     p0 = f64(p0_bits).to(ACC)
     p1 = f64(p1_bits).to(ACC)
     p2 = f64(p2_bits).to(ACC)
+    split = tl.program_id(1)
+    n_lo = split * split_len
+    n_hi = tl.minimum(M, n_lo + split_len)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     lab = tl.load(LAB + rows, mask=row_ok, other=0)
     zero = tl.zeros((BLOCK_M,), ACC)
+    xt = 0.0
     if RESIDENT:
         xt = _load_rows(X, rows, row_ok, 0, D, stride_x, BLOCK_K, UPCAST)
-    if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
-        nx = tl.load(NX + rows, mask=row_ok, other=0.0)
+    nx = _squared_norms(NX, rows, row_ok, LOSS, BLOCK_M, ACC)
     m_p = zero + float("-inf")
     m_n = zero + float("-inf")
     l_p = zero
@@ -241,15 +287,14 @@ def _pairwise_fwd_kernel(X, R, NX, NR, LAB, RLAB, STATS, B, M, D, stride_x, stri
     acc3 = zero
     c_p = tl.zeros((BLOCK_M,), tl.int32)
     c_n = tl.zeros((BLOCK_M,), tl.int32)
-    for n0 in range(0, M, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < M
+        rt = xt  # (unread unless RESIDENT)
         if RESIDENT:
             rt = _load_rows(R, cols, col_ok, 0, D, stride_r, BLOCK_K, UPCAST)
-            s = tl.dot(xt, tl.trans(rt), input_precision=PRECISION, out_dtype=ACC)
-        else:
-            s = _sim_loop(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N, BLOCK_K,
-                          PRECISION, ACC, UPCAST)
+        s = _tile_similarity(X, R, xt, rt, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N,
+                             BLOCK_K, RESIDENT, PRECISION, ACC, UPCAST)
         same, pos, neg = _tile_masks(lab, RLAB, rows, cols, row_ok, col_ok, M, SELF_OFFSET)
         c_p += tl.sum(pos.to(tl.int32), 1)
         c_n += tl.sum(neg.to(tl.int32), 1)
@@ -265,7 +310,7 @@ def _pairwise_fwd_kernel(X, R, NX, NR, LAB, RLAB, STATS, B, M, D, stride_x, stri
             a = s / p0
             m_n, l_n = _online_lse(m_n, l_n, a, neg)
         elif LOSS == CONTRASTIVE:  # sums and non-zero counts of both pair losses
-            d = _distance(s, nx, tl.load(NR + cols, mask=col_ok, other=0.0))
+            d = _distance(s, nx, _squared_norms(NR, cols, col_ok, LOSS, BLOCK_N, ACC))
             lp = tl.maximum(d - p0, 0.0)
             ln = tl.maximum(p1 - d, 0.0)
             lp = tl.where(d != d, d, lp)
@@ -275,7 +320,7 @@ def _pairwise_fwd_kernel(X, R, NX, NR, LAB, RLAB, STATS, B, M, D, stride_x, stri
             acc2 += tl.sum(tl.where(neg, ln, 0.0), 1)
             acc3 += tl.sum(tl.where(neg & ~(ln <= 0.0), 1.0, 0.0), 1)
         else:  # batch-hard triplets: largest positive distance, smallest negative distance, first index
-            d = _distance(s, nx, tl.load(NR + cols, mask=col_ok, other=0.0))
+            d = _distance(s, nx, _squared_norms(NR, cols, col_ok, LOSS, BLOCK_N, ACC))
             colf = cols.to(ACC)[None, :] + zero[:, None]
             tp = tl.max(tl.where(pos, d, float("-inf")), 1)
             ip = tl.min(tl.where(pos & (d == tp[:, None]), colf, float("inf")), 1)
@@ -295,24 +340,95 @@ def _pairwise_fwd_kernel(X, R, NX, NR, LAB, RLAB, STATS, B, M, D, stride_x, stri
 
     if LOSS == NT_XENT:  # sweep 2: the positive pairs against the negatives' LSE
         lse_n = _finish_lse(m_n, l_n, c_n)
-        for n0 in range(0, M, BLOCK_N):
+        for n0 in range(n_lo, n_hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < M
+            rt = xt
             if RESIDENT:
                 rt = _load_rows(R, cols, col_ok, 0, D, stride_r, BLOCK_K, UPCAST)
-                s = tl.dot(xt, tl.trans(rt), input_precision=PRECISION, out_dtype=ACC)
-            else:
-                s = _sim_loop(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N, BLOCK_K,
-                              PRECISION, ACC, UPCAST)
+            s = _tile_similarity(X, R, xt, rt, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N,
+                                 BLOCK_K, RESIDENT, PRECISION, ACC, UPCAST)
             same, pos, neg = _tile_masks(lab, RLAB, rows, cols, row_ok, col_ok, M, SELF_OFFSET)
             z = lse_n[:, None] - s / p0
             acc0 += tl.sum(tl.where(pos, _softplus_exact(z), 0.0), 1)
             acc1 += tl.sum(tl.where(pos, _sigmoid(z), 0.0), 1)
 
-    has_p = c_p > 0
-    has_n = c_n > 0
-    cpf = c_p.to(ACC)
-    cnf = c_n.to(ACC)
+    part = PART + (rows * tl.num_programs(1) + split) * NUM_PART
+    tl.store(part + PT_M_P, m_p, mask=row_ok)
+    tl.store(part + PT_L_P, l_p, mask=row_ok)
+    tl.store(part + PT_M_N, m_n, mask=row_ok)
+    tl.store(part + PT_L_N, l_n, mask=row_ok)
+    tl.store(part + PT_ACC0, acc0, mask=row_ok)
+    tl.store(part + PT_ACC1, acc1, mask=row_ok)
+    tl.store(part + PT_ACC2, acc2, mask=row_ok)
+    tl.store(part + PT_ACC3, acc3, mask=row_ok)
+    tl.store(part + PT_C_P, c_p.to(ACC), mask=row_ok)
+    tl.store(part + PT_C_N, c_n.to(ACC), mask=row_ok)
+
+
+@triton.jit
+def _merge_lse(m, l, m2, l2):
+    """Two running (max, sum-exp) pairs as one."""
+    m_new = tl.maximum(m, m2)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l * tl.exp(m - shift) + l2 * tl.exp(m2 - shift)
+
+
+@triton.jit
+def _pairwise_finish_kernel(PART, STATS, B, splits, p0_bits, p1_bits, p2_bits, LOSS: tl.constexpr,
+                            BLOCK_M: tl.constexpr, ACC: tl.constexpr):
+    """Merge the splits' per-row states in split order (so ties keep the first index, as one
+    sweep would) and write the engine's row statistics."""
+    p0 = f64(p0_bits).to(ACC)
+    p1 = f64(p1_bits).to(ACC)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    zero = tl.zeros((BLOCK_M,), ACC)
+    m_p = zero + float("-inf")
+    m_n = zero + float("-inf")
+    l_p = zero
+    l_n = zero
+    acc0 = zero
+    acc1 = zero
+    acc2 = zero
+    acc3 = zero
+    c_p = zero
+    c_n = zero
+    for split in range(0, splits):
+        part = PART + (rows * splits + split) * NUM_PART
+        m_p2 = tl.load(part + PT_M_P, mask=row_ok, other=float("-inf"))
+        l_p2 = tl.load(part + PT_L_P, mask=row_ok, other=0.0)
+        m_n2 = tl.load(part + PT_M_N, mask=row_ok, other=float("-inf"))
+        l_n2 = tl.load(part + PT_L_N, mask=row_ok, other=0.0)
+        a0 = tl.load(part + PT_ACC0, mask=row_ok, other=0.0)
+        a1 = tl.load(part + PT_ACC1, mask=row_ok, other=0.0)
+        a2 = tl.load(part + PT_ACC2, mask=row_ok, other=0.0)
+        a3 = tl.load(part + PT_ACC3, mask=row_ok, other=0.0)
+        if LOSS == TRIPLET_HARD:  # extremes and their first index; NaN distances counted
+            better = (a0 > 0.0) & ((m_p2 > m_p) | (acc0 == 0.0))
+            m_p = tl.where(better, m_p2, m_p)
+            acc1 = tl.where(better, a1, acc1)
+            acc0 = tl.maximum(acc0, a0)
+            better_n = (a2 > 0.0) & ((m_n2 < m_n) | (acc2 == 0.0))
+            m_n = tl.where(better_n, m_n2, m_n)
+            acc3 = tl.where(better_n, a3, acc3)
+            acc2 = tl.maximum(acc2, a2)
+            l_p += l_p2
+            l_n += l_n2
+        else:
+            m_p, l_p = _merge_lse(m_p, l_p, m_p2, l_p2)
+            m_n, l_n = _merge_lse(m_n, l_n, m_n2, l_n2)
+            acc0 += a0
+            acc1 += a1
+            acc2 += a2
+            acc3 += a3
+        c_p += tl.load(part + PT_C_P, mask=row_ok, other=0.0)
+        c_n += tl.load(part + PT_C_N, mask=row_ok, other=0.0)
+
+    has_p = c_p > 0.0
+    has_n = c_n > 0.0
+    cpf = c_p
+    cnf = c_n
     aux0 = zero
     aux1 = zero
     sum1 = zero
@@ -429,42 +545,41 @@ def _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, nx, nr, LOSS: tl.con
 
 @triton.jit
 def _pairwise_bwd_rows_kernel(X, R, NX, NR, LAB, RLAB, STATS, W, DX, B, M, D, stride_x, stride_r, p0_bits, p1_bits,
-                              p2_bits, SELF_OFFSET, LOSS: tl.constexpr, TERMS: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-                              RESIDENT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-                              UPCAST: tl.constexpr):
-    """DX[rows, chunk] = sum over reference tiles of G[rows, cols] @ R[cols, chunk]; grid axis 1
-    runs over the BLOCK_DO chunks of D (one chunk when RESIDENT)."""
+                              p2_bits, SELF_OFFSET, split_len, LOSS: tl.constexpr, TERMS: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_DO: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
+                              ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """DX[split, rows, chunk] = sum over the split's reference tiles of G[rows, cols] @ R[cols,
+    chunk]; grid axis 1 runs over the BLOCK_DO chunks of D (one chunk when RESIDENT), axis 2 over
+    splits of the references (DX holds one (B, D) partial per split, summed by the launcher)."""
     p0 = f64(p0_bits).to(ACC)
     p1 = f64(p1_bits).to(ACC)
     p2 = f64(p2_bits).to(ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     d0 = tl.program_id(1) * BLOCK_DO
+    split = tl.program_id(2)
+    n_lo = split * split_len
+    n_hi = tl.minimum(M, n_lo + split_len)
     lab = tl.load(LAB + rows, mask=row_ok, other=0)
     aux0, aux1, c0, c1 = _row_coefs(STATS, W, rows, row_ok, LOSS, TERMS, p0, p1)
+    xt = 0.0
     if RESIDENT:
         xt = _load_rows(X, rows, row_ok, 0, D, stride_x, BLOCK_K, UPCAST)
-    nx = tl.zeros((BLOCK_M,), ACC)
-    if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
-        nx = tl.load(NX + rows, mask=row_ok, other=0.0)
+    nx = _squared_norms(NX, rows, row_ok, LOSS, BLOCK_M, ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC)
     g_sum = tl.zeros((BLOCK_M,), ACC)
-    for n0 in range(0, M, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        if RESIDENT:
-            rt = _load_rows(R, cols, col_ok, 0, D, stride_r, BLOCK_K, UPCAST)
-            s = tl.dot(xt, tl.trans(rt), input_precision=PRECISION, out_dtype=ACC)
-            r_out = rt
+        if RESIDENT:  # the tile holds D: it is also the product's operand
+            r_out = _load_rows(R, cols, col_ok, 0, D, stride_r, BLOCK_K, UPCAST)
         else:
-            s = _sim_loop(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N, BLOCK_K,
-                          PRECISION, ACC, UPCAST)
             r_out = _load_rows(R, cols, col_ok, d0, D, stride_r, BLOCK_DO, UPCAST)
+        s = _tile_similarity(X, R, xt, r_out, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N,
+                             BLOCK_K, RESIDENT, PRECISION, ACC, UPCAST)
         same, pos, neg = _tile_masks(lab, RLAB, rows, cols, row_ok, col_ok, M, SELF_OFFSET)
-        nr = tl.zeros((BLOCK_N,), ACC)
-        if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
-            nr = tl.load(NR + cols, mask=col_ok, other=0.0)
+        nr = _squared_norms(NR, cols, col_ok, LOSS, BLOCK_N, ACC)
         g = _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, nx, nr, LOSS, p0, p1, p2)
         acc = tl.dot(_grad_operand(g, r_out, UPCAST), r_out, acc, input_precision=PRECISION, out_dtype=ACC)
         if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
@@ -472,46 +587,46 @@ def _pairwise_bwd_rows_kernel(X, R, NX, NR, LAB, RLAB, STATS, W, DX, B, M, D, st
     ks = d0 + tl.arange(0, BLOCK_DO)
     if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:  # d(|x|^2)/dx: the distance's x part
         acc -= g_sum[:, None] * _load_rows(X, rows, row_ok, d0, D, stride_x, BLOCK_DO, UPCAST).to(ACC)
-    tl.store(DX + rows[:, None] * D + ks[None, :], acc, mask=row_ok[:, None] & (ks[None, :] < D))
+    out = DX + split.to(tl.int64) * B * D
+    tl.store(out + rows[:, None] * D + ks[None, :], acc, mask=row_ok[:, None] & (ks[None, :] < D))
 
 
 @triton.jit
 def _pairwise_bwd_cols_kernel(X, R, NX, NR, LAB, RLAB, STATS, W, DR, B, M, D, stride_x, stride_r, p0_bits, p1_bits,
-                              p2_bits, SELF_OFFSET, ACCUMULATE: tl.constexpr, LOSS: tl.constexpr,
+                              p2_bits, SELF_OFFSET, split_len, ACCUMULATE: tl.constexpr, LOSS: tl.constexpr,
                               TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr, RESIDENT: tl.constexpr,
                               PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    """DR[cols, chunk] (+)= sum over anchor blocks of G[rows, cols]^T @ X[rows, chunk]."""
+    """DR[split, cols, chunk] (+)= sum over the split's anchor blocks of G[rows, cols]^T @
+    X[rows, chunk] (ACCUMULATE only with one split)."""
     p0 = f64(p0_bits).to(ACC)
     p1 = f64(p1_bits).to(ACC)
     p2 = f64(p2_bits).to(ACC)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < M
     d0 = tl.program_id(1) * BLOCK_DO
+    split = tl.program_id(2)
+    m_lo = split * split_len
+    m_hi = tl.minimum(B, m_lo + split_len)
+    rt = 0.0
     if RESIDENT:
         rt = _load_rows(R, cols, col_ok, 0, D, stride_r, BLOCK_K, UPCAST)
-    nr = tl.zeros((BLOCK_N,), ACC)
-    if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
-        nr = tl.load(NR + cols, mask=col_ok, other=0.0)
+    nr = _squared_norms(NR, cols, col_ok, LOSS, BLOCK_N, ACC)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), ACC)
     g_sum = tl.zeros((BLOCK_N,), ACC)
-    for m0 in range(0, B, BLOCK_M):
+    for m0 in range(m_lo, m_hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < B
         lab = tl.load(LAB + rows, mask=row_ok, other=0)
         aux0, aux1, c0, c1 = _row_coefs(STATS, W, rows, row_ok, LOSS, TERMS, p0, p1)
-        if RESIDENT:
-            xt = _load_rows(X, rows, row_ok, 0, D, stride_x, BLOCK_K, UPCAST)
-            s = tl.dot(xt, tl.trans(rt), input_precision=PRECISION, out_dtype=ACC)
-            x_out = xt
+        if RESIDENT:  # the tile holds D: it is also the product's operand
+            x_out = _load_rows(X, rows, row_ok, 0, D, stride_x, BLOCK_K, UPCAST)
         else:
-            s = _sim_loop(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N, BLOCK_K,
-                          PRECISION, ACC, UPCAST)
             x_out = _load_rows(X, rows, row_ok, d0, D, stride_x, BLOCK_DO, UPCAST)
+        s = _tile_similarity(X, R, x_out, rt, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N,
+                             BLOCK_K, RESIDENT, PRECISION, ACC, UPCAST)
         same, pos, neg = _tile_masks(lab, RLAB, rows, cols, row_ok, col_ok, M, SELF_OFFSET)
-        nx = tl.zeros((BLOCK_M,), ACC)
-        if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
-            nx = tl.load(NX + rows, mask=row_ok, other=0.0)
+        nx = _squared_norms(NX, rows, row_ok, LOSS, BLOCK_M, ACC)
         g = _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, nx, nr, LOSS, p0, p1, p2)
         acc = tl.dot(tl.trans(_grad_operand(g, x_out, UPCAST)), x_out, acc, input_precision=PRECISION,
                      out_dtype=ACC)
@@ -521,7 +636,7 @@ def _pairwise_bwd_cols_kernel(X, R, NX, NR, LAB, RLAB, STATS, W, DR, B, M, D, st
     if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:  # d(|r|^2)/dr
         acc -= g_sum[:, None] * _load_rows(R, cols, col_ok, d0, D, stride_r, BLOCK_DO, UPCAST).to(ACC)
     out_mask = col_ok[:, None] & (ks[None, :] < D)
-    ptrs = DR + cols[:, None] * D + ks[None, :]
+    ptrs = DR + split.to(tl.int64) * M * D + cols[:, None] * D + ks[None, :]
     if ACCUMULATE:
         acc += tl.load(ptrs, mask=out_mask, other=0.0)
     tl.store(ptrs, acc, mask=out_mask)
@@ -542,6 +657,10 @@ def _acc(dtype):
 
 def _stat_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# Rows per program of the kernel that merges the forward's splits.
+FINISH_BLOCK = 128
 
 
 def check_supported(x: torch.Tensor, loss: int, num_refs: int | None = None) -> str | None:
@@ -588,6 +707,26 @@ def _constexprs(entry: Entry, x_dtype, loss: int, upcast: bool) -> dict:
                 ACC=_acc(x_dtype), UPCAST=upcast)
 
 
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_sweep(programs: int, length: int, block: int, device: torch.device, allowed: bool = True) -> tuple:
+    """(splits, split_len): cut a sweep of `length` (in `block` tiles) into splits so that
+    `programs` x splits programs fill the GPU (about two per SM: B = 2048 has 32 row blocks of
+    64, a quarter of an H100's 132 SMs); under the interpreter up to 3 splits, so that the tests
+    run the merge. One split when not allowed (NT-Xent's two sweeps)."""
+    tiles = triton.cdiv(length, block)
+    if not allowed:
+        splits = 1
+    elif device.type == "cuda":
+        splits = min(tiles, max(1, triton.cdiv(2 * _multiprocessors(device), programs)))
+    else:
+        splits = min(tiles, 3)
+    split_len = triton.cdiv(tiles, splits) * block
+    return triton.cdiv(length, split_len), split_len
+
+
 def forward_row_stats(x, labels, ref, ref_labels, self_offset: int, loss: int, params, ref_is_x: bool = False):
     """(B, NUM_STATS) row statistics in float32 (float64 for float64 x)."""
     B, D = x.shape
@@ -601,10 +740,30 @@ def forward_row_stats(x, labels, ref, ref_labels, self_offset: int, loss: int, p
     x, labels, ref, ref_labels, nx, nr, bits, entry = _prepare(x, labels, ref, ref_labels, ref_is_x, loss, params,
                                                                stats)
     kw = _constexprs(entry, x.dtype, loss, _upcast(x))
-    launch(_pairwise_fwd_kernel, (triton.cdiv(B, kw["BLOCK_M"]),),
-           x, ref, nx, nr, labels, ref_labels, stats, B, M, D, x.stride(0), ref.stride(0), *bits, int(self_offset),
-           num_warps=entry.num_warps, num_stages=entry.num_stages, **kw)
+    row_blocks = triton.cdiv(B, kw["BLOCK_M"])
+    splits, split_len = split_sweep(row_blocks, M, kw["BLOCK_N"], x.device, allowed=loss != PairLoss.NT_XENT)
+    part = torch.empty((B, splits, len(PART_COLUMNS)), dtype=stats.dtype, device=x.device)
+    launch(_pairwise_fwd_kernel, (row_blocks, splits),
+           x, ref, nx, nr, labels, ref_labels, part, B, M, D, x.stride(0), ref.stride(0), *bits, int(self_offset),
+           split_len, num_warps=entry.num_warps, num_stages=entry.num_stages, **kw)
+    launch(_pairwise_finish_kernel, (triton.cdiv(B, FINISH_BLOCK),), part, stats, B, splits, *bits, LOSS=int(loss),
+           BLOCK_M=FINISH_BLOCK, ACC=kw["ACC"])
     return stats
+
+
+def _swept(kernel, grid, programs, length, block, out, accumulate, args, scalars, kw):
+    """Launch a backward kernel over (programs, D chunks, splits of its sweep): with one split
+    straight into `out` (added to it when `accumulate`), else into one partial per split,
+    summed in order (deterministic)."""
+    splits, split_len = split_sweep(programs * grid[1], length, block, out.device)
+    extra = {"ACCUMULATE": accumulate and splits == 1} if kernel is _pairwise_bwd_cols_kernel else {}
+    target = out if splits == 1 else torch.empty((splits,) + tuple(out.shape), dtype=out.dtype, device=out.device)
+    launch(kernel, grid + (splits,), *args, target, *scalars, split_len, **extra, **kw)
+    if splits > 1:
+        if accumulate:
+            out += target.sum(0)
+        else:
+            torch.sum(target, 0, out=out)
 
 
 def backward(x, labels, ref, ref_labels, row_stats, row_weights, self_offset: int, ref_is_x: bool, loss: int, params,
@@ -629,11 +788,13 @@ def backward(x, labels, ref, ref_labels, row_stats, row_weights, self_offset: in
     args = (x, ref, nx, nr, labels, ref_labels, row_stats, row_weights)
     scalars = (B, M, D, x.stride(0), ref.stride(0), *bits, int(self_offset))
     d_chunks = triton.cdiv(D, kw["BLOCK_DO"])
-    launch(_pairwise_bwd_rows_kernel, (triton.cdiv(B, kw["BLOCK_M"]), d_chunks), *args, grad_x, *scalars, **kw)
+    row_blocks = triton.cdiv(B, kw["BLOCK_M"])
+    _swept(_pairwise_bwd_rows_kernel, (row_blocks, d_chunks), row_blocks, M, kw["BLOCK_N"], grad_x, False, args,
+           scalars, kw)
     if ref_is_x or want_ref:
-        target = grad_x if ref_is_x else grad_ref
-        launch(_pairwise_bwd_cols_kernel, (triton.cdiv(M, kw["BLOCK_N"]), d_chunks), *args, target, *scalars,
-               ACCUMULATE=ref_is_x, **kw)
+        col_blocks = triton.cdiv(M, kw["BLOCK_N"])
+        _swept(_pairwise_bwd_cols_kernel, (col_blocks, d_chunks), col_blocks, B, kw["BLOCK_M"],
+               grad_x if ref_is_x else grad_ref, ref_is_x, args, scalars, kw)
     return grad_x, grad_ref
 
 
@@ -675,20 +836,25 @@ def aot_configs(full: bool = False):
         for dt in entry.dtypes if full else entry.dtypes[:1]:
             acc = "fp64" if dt == "fp64" else "fp32"
             tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[dt]
-            ptrs = {"X": f"*{dt}", "R": f"*{dt}", "NX": f"*{acc}", "NR": f"*{acc}", "LAB": "*i64", "RLAB": "*i64",
-                    "STATS": f"*{acc}"}
+            ptrs = {"X": f"*{dt}", "R": f"*{dt}", "NX": f"*{acc}", "NR": f"*{acc}", "LAB": "*i64", "RLAB": "*i64"}
             scalars = {"B": "i32", "M": "i32", "D": "i32", "stride_x": "i32", "stride_r": "i32", "p0_bits": "i64",
-                       "p1_bits": "i64", "p2_bits": "i64", "SELF_OFFSET": "i32"}
-            divisible = tuple(ptrs) + ("W", "DX", "DR", "D", "stride_x", "stride_r")
+                       "p1_bits": "i64", "p2_bits": "i64", "SELF_OFFSET": "i32", "split_len": "i32"}
+            divisible = tuple(ptrs) + ("PART", "STATS", "W", "DX", "DR", "D", "stride_x", "stride_r", "split_len")
             for loss in SUPPORTED if full else (PairLoss.CIRCLE,):
                 consts = _constexprs(entry, tdt, loss, False)
                 label = f"{entry.describe()} {dt} loss={PairLoss(loss).name.lower()}"
                 terms = PAIR_LOSS_INFO[loss].terms
-                out.append(AotConfig(_pairwise_fwd_kernel, {**ptrs, **scalars}, consts, entry.num_warps,
-                                     entry.num_stages, divisible, label))
+                out.append(AotConfig(_pairwise_fwd_kernel, {**ptrs, "PART": f"*{acc}", **scalars}, consts,
+                                     entry.num_warps, entry.num_stages, divisible, label))
+                out.append(AotConfig(_pairwise_finish_kernel,
+                                     {"PART": f"*{acc}", "STATS": f"*{acc}", "B": "i32", "splits": "i32",
+                                      "p0_bits": "i64", "p1_bits": "i64", "p2_bits": "i64"},
+                                     {"LOSS": int(loss), "BLOCK_M": FINISH_BLOCK, "ACC": consts["ACC"]}, 4, 1,
+                                     ("PART", "STATS"), label))
                 bwd = {**consts, "TERMS": terms, "BLOCK_DO": entry.block("BLOCK_DO")}
-                out.append(AotConfig(_pairwise_bwd_rows_kernel, {**ptrs, "W": f"*{acc}", "DX": f"*{acc}", **scalars},
+                stats = {"STATS": f"*{acc}", "W": f"*{acc}"}
+                out.append(AotConfig(_pairwise_bwd_rows_kernel, {**ptrs, **stats, "DX": f"*{acc}", **scalars},
                                      bwd, entry.num_warps, entry.num_stages, divisible, label))
-                out.append(AotConfig(_pairwise_bwd_cols_kernel, {**ptrs, "W": f"*{acc}", "DR": f"*{acc}", **scalars},
+                out.append(AotConfig(_pairwise_bwd_cols_kernel, {**ptrs, **stats, "DR": f"*{acc}", **scalars},
                                      {**bwd, "ACCUMULATE": True}, entry.num_warps, entry.num_stages, divisible, label))
     return out

@@ -84,6 +84,18 @@ def _label_tile(b, k, row_ok, ls, lmask, p, L, K, Y, SAMP, SEED, EXPLICIT: tl.co
 
 
 @triton.jit
+def _labels_at(l0, b, k, row_ok, L, K, P, Y, SAMP, SEED, BLOCK_L: tl.constexpr, EXPLICIT: tl.constexpr,
+               ACC: tl.constexpr):
+    """Labels [l0, l0 + BLOCK_L) of the tile's rows: (ls, lmask, tile_ok, p, y)."""
+    ls = l0 + tl.arange(0, BLOCK_L)
+    lmask = ls < L
+    tile_ok = row_ok[:, None] & lmask[None, :]
+    p = tl.load(P + b[:, None] * L + ls[None, :], mask=tile_ok, other=0.5).to(ACC)
+    y = _label_tile(b, k, row_ok, ls, lmask, p, L, K, Y, SAMP, SEED, EXPLICIT, ACC)
+    return ls, lmask, tile_ok, p, y
+
+
+@triton.jit
 def _softplus_sigmoid(h):
     # torch's Softplus(threshold=20) and its derivative, from e = exp(-|h|) (a NaN h stays NaN).
     e = tl.exp(-tl.abs(h))
@@ -127,11 +139,8 @@ def _nce_fwd_kernel(U, P, Y, W1T, B1, C2, SEED, SAMP, STATS, B, L, H, K,
             hmask = hs < H
             hid = tl.zeros((EXAMPLES * K_CHUNK, BLOCK_H), ACC)
             for l0 in range(0, L, BLOCK_L):
-                ls = l0 + tl.arange(0, BLOCK_L)
-                lmask = ls < L
-                tile_ok = row_ok[:, None] & lmask[None, :]
-                p = tl.load(P + b[:, None] * L + ls[None, :], mask=tile_ok, other=0.5).to(ACC)
-                y = _label_tile(b, k, row_ok, ls, lmask, p, L, K, Y, SAMP, SEED, EXPLICIT, ACC)
+                ls, lmask, tile_ok, p, y = _labels_at(l0, b, k, row_ok, L, K, P, Y, SAMP, SEED, BLOCK_L, EXPLICIT,
+                                                      ACC)
                 if h0 == 0:  # the unary and log q terms, once
                     u = tl.load(U + b[:, None] * L + ls[None, :], mask=tile_ok, other=0.0).to(ACC)
                     z += tl.sum(y * u, 1)
@@ -201,17 +210,11 @@ def _nce_bwd_kernel(U, P, Y, W1T, B1, C2, SEED, SAMP, STATS, RW, DU, PART_W, PAR
             # pass 1: the hidden pre-activations need all of L
             hid = tl.zeros((EXAMPLES * K_CHUNK, BLOCK_H), ACC)
             if ONE_L_BLOCK:
-                tile_ok = row_ok[:, None] & lmask1[None, :]
-                p = tl.load(P + b[:, None] * L + ls1[None, :], mask=tile_ok, other=0.5).to(ACC)
-                y1 = _label_tile(b, k, row_ok, ls1, lmask1, p, L, K, Y, SAMP, SEED, EXPLICIT, ACC)
+                _, _, _, _, y1 = _labels_at(0, b, k, row_ok, L, K, P, Y, SAMP, SEED, BLOCK_L, EXPLICIT, ACC)
                 hid = tl.dot(y1, w1, hid, input_precision=PRECISION, out_dtype=ACC)
             else:
                 for l0 in range(0, L, BLOCK_L):
-                    ls = l0 + tl.arange(0, BLOCK_L)
-                    lmask = ls < L
-                    tile_ok = row_ok[:, None] & lmask[None, :]
-                    p = tl.load(P + b[:, None] * L + ls[None, :], mask=tile_ok, other=0.5).to(ACC)
-                    y = _label_tile(b, k, row_ok, ls, lmask, p, L, K, Y, SAMP, SEED, EXPLICIT, ACC)
+                    ls, lmask, _, _, y = _labels_at(l0, b, k, row_ok, L, K, P, Y, SAMP, SEED, BLOCK_L, EXPLICIT, ACC)
                     w = tl.load(W1T + ls.to(tl.int64)[:, None] * H + hs[None, :],
                                 mask=lmask[:, None] & hmask[None, :], other=0.0)
                     hid = tl.dot(y, w, hid, input_precision=PRECISION, out_dtype=ACC)
@@ -227,11 +230,7 @@ def _nce_bwd_kernel(U, P, Y, W1T, B1, C2, SEED, SAMP, STATS, RW, DU, PART_W, PAR
                     _add_du(DU, group, du, ls1, lmask1, B, L, EXAMPLES)
             else:
                 for l0 in range(0, L, BLOCK_L):
-                    ls = l0 + tl.arange(0, BLOCK_L)
-                    lmask = ls < L
-                    tile_ok = row_ok[:, None] & lmask[None, :]
-                    p = tl.load(P + b[:, None] * L + ls[None, :], mask=tile_ok, other=0.5).to(ACC)
-                    y = _label_tile(b, k, row_ok, ls, lmask, p, L, K, Y, SAMP, SEED, EXPLICIT, ACC)
+                    ls, lmask, _, _, y = _labels_at(l0, b, k, row_ok, L, K, P, Y, SAMP, SEED, BLOCK_L, EXPLICIT, ACC)
                     ptrs = part_w + ls.to(tl.int64)[:, None] * H + hs[None, :]
                     wmask = lmask[:, None] & hmask[None, :]
                     part = tl.load(ptrs, mask=wmask, other=0.0)
