@@ -57,7 +57,7 @@ gpu-wheels:
 	mkdir -p $(GPU_WHEELS)
 	for w in $(GPU_PEERS) $(GPU_SUPPORT); do \
 		$(GPU_PY) -m pip download -q --disable-pip-version-check --only-binary=:all: --python-version 3.12 \
-			--platform manylinux_2_28_x86_64 --no-deps -d $(GPU_WHEELS) "$$w" \
+			--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --no-deps -d $(GPU_WHEELS) "$$w" \
 			|| echo "gpu-wheels: $$w not fetched (optional: gpu-check reports it absent)"; \
 	done
 
