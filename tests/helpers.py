@@ -1,5 +1,6 @@
-"""Test helpers: the backends a test runs, dtype-aware comparisons, numerical gradients, and the
-ahead-of-time compile of Triton kernels for a GPU that is not here."""
+"""Test helpers: the backends a test runs, dtype-aware comparisons, numerical gradients, optional
+packages imported by the tests that use them. (The ahead-of-time compile of the Triton kernels
+for a GPU that is not here is structloss_fast._aot.)"""
 from __future__ import annotations
 
 import torch
@@ -33,6 +34,25 @@ def fast_backends(op: str, backends=("cpu", "cuda", "triton")):
     if "triton" in backends and can_run("triton", op):
         out.append(("triton", triton_device()))
     return out
+
+
+class LazyImport:
+    """`LazyImport("pytorch_metric_learning.losses").CircleLoss(...)` imports the module when
+    the test calls it: a test that needs a missing optional package is skipped, and the tests of
+    the same module that do not need it still run (an import at module level would skip them
+    all, and a GPU machine without the package would look green with nothing run)."""
+
+    def __init__(self, module: str):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        def call(*args, **kwargs):
+            import pytest
+
+            return getattr(pytest.importorskip(self._module), name)(*args, **kwargs)
+
+        call.__name__ = name
+        return call
 
 
 def max_abs(a, b) -> float:
@@ -72,49 +92,3 @@ def numerical_grad(fn, x, eps=1e-6):
         flat[k] = old
         g.view(-1)[k] = (fp - fm) / (2 * eps)
     return g
-
-
-# Prepended to the scripts of compile_triton_for_hopper: triton, tl, and compile_sm90.
-_HOPPER_PRELUDE = r"""
-import sys
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-
-def compile_sm90(fn, signature, constexprs, num_warps):
-    signature = dict(signature, **{k: "constexpr" for k in constexprs})
-    try:
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-    except Exception as exc:
-        if "ptxas" in str(exc).lower():
-            print("NO-PTXAS", exc)
-            sys.exit(0)
-        raise
-    assert ".target sm_90" in kernel.asm["ptx"], "not an sm_90 build"
-    return kernel
-"""
-
-
-def compile_triton_for_hopper(script: str, expected: int, timeout: int = 900) -> None:
-    """Run `script` (which compiles Triton kernels for sm_90 with the prelude's
-    compile_sm90(fn, signature, constexprs, num_warps) and prints one "compiled" line per kernel;
-    the prelude prints "NO-PTXAS" when Triton's bundled ptxas is missing) in a process without
-    TRITON_INTERPRET: without a GPU this is the only check that the kernels lower to GPU code,
-    the interpreter being lenient about types."""
-    import os
-    import subprocess
-    import sys
-
-    import pytest
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _HOPPER_PRELUDE + script], capture_output=True, text=True, env=env, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if "NO-PTXAS" in proc.stdout:
-        pytest.skip(proc.stdout.strip())
-    assert proc.stdout.count("compiled") == expected, proc.stdout

@@ -110,23 +110,25 @@ LOSS_OP = _oplib.LossOp(
 # ---------------------------------------------------------------- backends
 
 
-def _check_supported(backend: str, *, x: Tensor, loss: int):
+def _check_supported(backend: str, *, x: Tensor, loss: int, num_refs=None):
     if backend == "triton":
         from . import _triton
 
-        return _triton.check_supported(x, loss)
+        return _triton.check_supported(x, loss, num_refs)
     return None
 
 
 _registry.declare(_registry.OpSpec(
     OP, family="pairwise", kernels=("cpu", "cuda", "triton"), gpu_order=("triton", "cuda"),
     check_supported=_check_supported,
-    limits={"triton": "the loss is the triplet loss over all triplets, or D > 2048: then cuda"},
+    limits={"triton": "the loss is the triplet loss over all triplets, or batch-hard triplets over more than 2^24 "
+                      "references in float32 (its configuration table has an entry for every D): then cuda"},
 ))
 
 
-def resolve(backend: str, x: Tensor, loss: int) -> str:
-    return _registry.resolve(OP, backend, x.device, x=x, loss=loss)
+def resolve(backend: str, x: Tensor, loss: int, ref=None) -> str:
+    return _registry.resolve(OP, backend, x.device, x=x, loss=loss,
+                             num_refs=x.shape[0] if ref is None else ref.shape[0])
 
 
 # ---------------------------------------------------------------- the one reduction

@@ -1,14 +1,25 @@
 """Triton kernels of the fused pairwise engine (flash-attention style, no B x M matrix).
 
-Forward: one program per block of anchor rows walks all reference tiles, forms S = X R^T on
-the fly (fp32 accumulation, bf16/fp16 tensor-core inputs) and keeps online per-row statistics
-(running max and sum-exp per set, sums, counts, arg-extrema); it writes the engine's 8 row
-statistics (PairStat, csrc/common/ids.h). NT-Xent needs a second sweep once the
-negatives' log-sum-exp is known. Backward: two kernels that recompute the tiles, so neither
-needs atomics and the result is deterministic: one over row blocks (dX += G R), one over
-reference blocks (dR += G^T X). Triplet loss over all triplets needs per-anchor sorted
-distance lists and has no Triton kernel (the compiled CUDA backend covers it).
-The same code runs on CPU tensors under TRITON_INTERPRET=1, which is how it is tested here.
+Forward: programs over (block of anchor rows, split of the references) walk their reference
+tiles, form S = X R^T on the fly (fp32 accumulation; bf16/fp16 tiles on tensor cores, fp32 as
+3xTF32 on tensor cores, fp64 in fp64) and keep online per-row states (running max and sum-exp
+per set, sums, counts, arg-extrema); a finish kernel merges the splits' states in order and
+writes the engine's 8 row statistics (PairStat, csrc/common/ids.h). The references are split
+only when the row blocks alone would leave the GPU idle (B = 2048 is 32 blocks of 64 rows:
+a quarter of an H100). NT-Xent needs a second sweep once the negatives' log-sum-exp is known
+(one split). Backward: two kernels that recompute the tiles, so neither needs atomics and the
+result is deterministic: one over row blocks (dX += G R), one over reference blocks
+(dR += G^T X), each also split over chunks of the embedding dimension (grid axis 1) and over
+its sweep (grid axis 2, per-split partials summed in order). Triplet loss over all triplets
+needs per-anchor sorted distance lists and has no Triton kernel (the compiled CUDA backend
+covers it).
+
+Every launch comes from the configuration table (GPU_TABLE): an entry either holds the
+embedding in one tile (D up to its max_size: the anchor tile stays put while the references
+stream by) or loops over D in BLOCK_K chunks (any D). Index arithmetic is 64-bit. The same
+code runs on CPU tensors under TRITON_INTERPRET=1 (with INTERPRETER_TABLE's small blocks and
+up to 3 splits, so that the D loops and the merges run), which is how it is tested without a
+GPU.
 """
 from __future__ import annotations
 
@@ -17,10 +28,11 @@ import triton
 import triton.language as tl
 
 from .._ids import PAIR_LOSS_INFO, PairGradMode, PairLoss, PairStat
+from .._triton_support import AotConfig, Entry, f64, f64_bits, launch, pick, rows_layout
 
-# Largest embedding size the kernels hold in one tile (the gradient accumulators span D).
-MAX_D = 2048
 SUPPORTED = tuple(loss for loss in PairLoss if loss != PairLoss.TRIPLET_ALL)
+# Batch-hard triplets keep the chosen reference columns in the (float32) row statistics.
+MAX_INDEXED_REFS = 1 << 24
 
 # The ids of csrc/common/ids.h as compile-time constants of the kernels.
 CIRCLE: tl.constexpr = tl.constexpr(int(PairLoss.CIRCLE))
@@ -39,6 +51,63 @@ ST_SUM1: tl.constexpr = tl.constexpr(int(PairStat.SUM1))
 ST_COUNT1: tl.constexpr = tl.constexpr(int(PairStat.COUNT1))
 ST_NUM_POS: tl.constexpr = tl.constexpr(int(PairStat.NUM_POS))
 ST_NUM_NEG: tl.constexpr = tl.constexpr(int(PairStat.NUM_NEG))
+# The forward's per-row state of one split of the reference sweep (merged by the finish kernel).
+PART_COLUMNS = ("m_p", "l_p", "m_n", "l_n", "acc0", "acc1", "acc2", "acc3", "c_p", "c_n")
+NUM_PART: tl.constexpr = tl.constexpr(len(PART_COLUMNS))
+PT_M_P: tl.constexpr = tl.constexpr(PART_COLUMNS.index("m_p"))
+PT_L_P: tl.constexpr = tl.constexpr(PART_COLUMNS.index("l_p"))
+PT_M_N: tl.constexpr = tl.constexpr(PART_COLUMNS.index("m_n"))
+PT_L_N: tl.constexpr = tl.constexpr(PART_COLUMNS.index("l_n"))
+PT_ACC0: tl.constexpr = tl.constexpr(PART_COLUMNS.index("acc0"))
+PT_ACC1: tl.constexpr = tl.constexpr(PART_COLUMNS.index("acc1"))
+PT_ACC2: tl.constexpr = tl.constexpr(PART_COLUMNS.index("acc2"))
+PT_ACC3: tl.constexpr = tl.constexpr(PART_COLUMNS.index("acc3"))
+PT_C_P: tl.constexpr = tl.constexpr(PART_COLUMNS.index("c_p"))
+PT_C_N: tl.constexpr = tl.constexpr(PART_COLUMNS.index("c_n"))
+# Losses of the distance ||x - r||, which needs the rows' squared norms.
+DISTANCE_LOSSES = (PairLoss.CONTRASTIVE, PairLoss.TRIPLET_HARD)
+
+
+def _entry(dtypes, max_d, block_m, block_n, block_k, block_do, warps, stages):
+    return Entry(dtypes, max_d, (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k),
+                                 ("BLOCK_DO", block_do)), warps, stages)
+
+
+HALF = ("bf16", "fp16")
+# The configuration table of the GPU: per dtype, entries that hold D in one tile (max_size = D
+# bound, BLOCK_K = BLOCK_DO >= it) and one that tiles D (max_size None): every D has an entry.
+# BLOCK_K chunks the products over D, BLOCK_DO the backward's output columns. Chosen so that
+# ptxas spills little (8 warps where 4 spilled hundreds of bytes; fp32's 3xTF32 splits need
+# smaller tiles); not tuned on a GPU.
+# tests/test_triton_build.py compiles each for sm_90 against the 227 KB of shared memory and
+# reports registers and spills.
+GPU_TABLE = (
+    _entry(HALF, 128, 64, 64, 128, 128, 8, 2),
+    _entry(HALF, 256, 64, 32, 256, 256, 8, 2),
+    _entry(HALF, None, 64, 64, 64, 128, 8, 3),
+    _entry(("fp32",), 64, 64, 32, 64, 64, 4, 2),
+    _entry(("fp32",), None, 64, 32, 32, 64, 4, 3),
+    _entry(("fp64",), 32, 32, 32, 32, 32, 4, 1),
+    _entry(("fp64",), None, 32, 32, 16, 64, 4, 2),
+)
+# Under the interpreter: small blocks, so that the tests' small D already loop over chunks.
+INTERPRETER_TABLE = (_entry(HALF + ("fp32", "fp64"), 16, 16, 16, 16, 16, 4, 1),
+                     _entry(HALF + ("fp32", "fp64"), None, 16, 16, 16, 16, 4, 1))
+
+
+def table(device: torch.device) -> tuple:
+    return GPU_TABLE if device.type == "cuda" else INTERPRETER_TABLE
+
+
+def resident(entry: Entry) -> bool:
+    """Whether the entry holds the whole embedding in one tile (then no D loops)."""
+    return entry.max_size is not None
+
+
+def precision(dtype) -> str:
+    """tl.dot's input precision: 16-bit tiles natively on tensor cores; fp32 as 3xTF32 (three
+    TF32 products of the split operands, about fp32's accuracy at tensor-core speed); fp64 as is."""
+    return {torch.float32: "tf32x3", torch.float64: "ieee"}.get(dtype, "tf32")
 
 
 @triton.jit
@@ -86,13 +155,15 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _unit_distance(s):
-    sq = 2.0 - 2.0 * s
+def _distance(s, nx, nr):
+    """||x - r|| from x.r and the squared norms: 1 for unit rows, 0 for the zero rows that
+    normalizing a zero embedding gives (a NaN stays NaN)."""
+    sq = (nx[:, None] + nr[None, :]) - 2.0 * s
     return tl.sqrt(tl.where(sq < 0.0, 0.0, sq))
 
 
 @triton.jit
-def _unit_distance_grad(d):
+def _distance_grad(d):
     return tl.where(d > 0.0, -1.0 / tl.where(d > 0.0, d, 1.0), tl.where(d != d, d, 0.0))
 
 
@@ -101,19 +172,62 @@ def _relu_grad(x):
     return tl.where(x > 0.0, 1.0, tl.where(x != x, x, 0.0))
 
 
+
+
 @triton.jit
-def _sim_tile(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-              ACC: tl.constexpr, UPCAST: tl.constexpr):
-    ks = tl.arange(0, BLOCK_D)
-    k_ok = ks < D
-    xt = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    rt = tl.load(R + cols[:, None] * stride_r + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+def _load_rows(P, rows, row_ok, k0, D, stride, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    """P[rows, k0:k0 + BLOCK] (zero outside), rows of unit inner stride; 64-bit offsets."""
+    ks = k0 + tl.arange(0, BLOCK)
+    t = tl.load(P + rows.to(tl.int64)[:, None] * stride + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :],
+                other=0.0)
     if UPCAST:
-        xt = xt.to(tl.float32)
-        rt = rt.to(tl.float32)
-    s = tl.dot(xt, tl.trans(rt), input_precision=PRECISION, out_dtype=ACC)
-    return s, xt, rt
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _sim_loop(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """S = X[rows] R[cols]^T accumulated over D in BLOCK_K chunks."""
+    s = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    for k0 in range(0, D, BLOCK_K):
+        xk = _load_rows(X, rows, row_ok, k0, D, stride_x, BLOCK_K, UPCAST)
+        rk = _load_rows(R, cols, col_ok, k0, D, stride_r, BLOCK_K, UPCAST)
+        s = tl.dot(xk, tl.trans(rk), s, input_precision=PRECISION, out_dtype=ACC)
+    return s
+
+
+@triton.jit
+def _tile_similarity(X, R, xt, rt, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
+                     ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """S of the tile: from the tiles xt, rt when they hold all of D (RESIDENT), else over D in
+    BLOCK_K chunks."""
+    if RESIDENT:
+        s = tl.dot(xt, tl.trans(rt), input_precision=PRECISION, out_dtype=ACC)
+    else:
+        s = _sim_loop(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+                      ACC, UPCAST)
+    return s
+
+
+@triton.jit
+def _squared_norms(N, idx, ok, LOSS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """The rows' squared norms for the distance losses (zeros, unread, for the others)."""
+    if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
+        return tl.load(N + idx, mask=ok, other=0.0).to(ACC)
+    else:
+        return tl.zeros((BLOCK,), ACC)
+
+
+@triton.jit
+def _grad_operand(g, like, UPCAST: tl.constexpr):
+    """The gradient tile as the second product reads it: in the tiles' dtype (bf16/fp16 on
+    the GPU). Under the interpreter bf16 tiles are widened, so round G to bf16 here too: the
+    tests then see the GPU's rounding."""
+    if UPCAST:
+        return g.to(tl.bfloat16).to(tl.float32)
+    return g.to(like.dtype)
 
 
 @triton.jit
@@ -123,7 +237,7 @@ def _tile_masks(lab, RLAB, rows, cols, row_ok, col_ok, M, SELF_OFFSET):
     valid = row_ok[:, None] & col_ok[None, :]
     pos = same & valid
     if SELF_OFFSET >= 0:
-        pos = pos & (((rows + SELF_OFFSET) % M)[:, None] != cols[None, :])
+        pos = pos & (((rows.to(tl.int64) + SELF_OFFSET) % M)[:, None] != cols[None, :])
     neg = (~same) & valid
     return same, pos, neg
 
@@ -143,14 +257,26 @@ def _finish_lse(m, l, count):
 
 
 @triton.jit
-def _pairwise_fwd_kernel(X, R, LAB, RLAB, STATS, B, M, D, stride_x, stride_r, p0, p1, p2, SELF_OFFSET,
-                         LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+def _pairwise_fwd_kernel(X, R, NX, NR, LAB, RLAB, PART, B, M, D, stride_x, stride_r, p0_bits, p1_bits, p2_bits,
+                         SELF_OFFSET, split_len, LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                         UPCAST: tl.constexpr):
+    """Program (row block, split): the row block against references [split * split_len, ...),
+    its per-row state written to PART (B, splits, NUM_PART) for _pairwise_finish_kernel."""
+    p0 = f64(p0_bits).to(ACC)
+    p1 = f64(p1_bits).to(ACC)
+    p2 = f64(p2_bits).to(ACC)
+    split = tl.program_id(1)
+    n_lo = split * split_len
+    n_hi = tl.minimum(M, n_lo + split_len)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     lab = tl.load(LAB + rows, mask=row_ok, other=0)
     zero = tl.zeros((BLOCK_M,), ACC)
+    xt = 0.0
+    if RESIDENT:
+        xt = _load_rows(X, rows, row_ok, 0, D, stride_x, BLOCK_K, UPCAST)
+    nx = _squared_norms(NX, rows, row_ok, LOSS, BLOCK_M, ACC)
     m_p = zero + float("-inf")
     m_n = zero + float("-inf")
     l_p = zero
@@ -161,11 +287,14 @@ def _pairwise_fwd_kernel(X, R, LAB, RLAB, STATS, B, M, D, stride_x, stride_r, p0
     acc3 = zero
     c_p = tl.zeros((BLOCK_M,), tl.int32)
     c_n = tl.zeros((BLOCK_M,), tl.int32)
-    for n0 in range(0, M, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        s, _, _ = _sim_tile(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r,
-                            BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC, UPCAST)
+        rt = xt  # (unread unless RESIDENT)
+        if RESIDENT:
+            rt = _load_rows(R, cols, col_ok, 0, D, stride_r, BLOCK_K, UPCAST)
+        s = _tile_similarity(X, R, xt, rt, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N,
+                             BLOCK_K, RESIDENT, PRECISION, ACC, UPCAST)
         same, pos, neg = _tile_masks(lab, RLAB, rows, cols, row_ok, col_ok, M, SELF_OFFSET)
         c_p += tl.sum(pos.to(tl.int32), 1)
         c_n += tl.sum(neg.to(tl.int32), 1)
@@ -181,7 +310,7 @@ def _pairwise_fwd_kernel(X, R, LAB, RLAB, STATS, B, M, D, stride_x, stride_r, p0
             a = s / p0
             m_n, l_n = _online_lse(m_n, l_n, a, neg)
         elif LOSS == CONTRASTIVE:  # sums and non-zero counts of both pair losses
-            d = _unit_distance(s)
+            d = _distance(s, nx, _squared_norms(NR, cols, col_ok, LOSS, BLOCK_N, ACC))
             lp = tl.maximum(d - p0, 0.0)
             ln = tl.maximum(p1 - d, 0.0)
             lp = tl.where(d != d, d, lp)
@@ -191,7 +320,7 @@ def _pairwise_fwd_kernel(X, R, LAB, RLAB, STATS, B, M, D, stride_x, stride_r, p0
             acc2 += tl.sum(tl.where(neg, ln, 0.0), 1)
             acc3 += tl.sum(tl.where(neg & ~(ln <= 0.0), 1.0, 0.0), 1)
         else:  # batch-hard triplets: largest positive distance, smallest negative distance, first index
-            d = _unit_distance(s)
+            d = _distance(s, nx, _squared_norms(NR, cols, col_ok, LOSS, BLOCK_N, ACC))
             colf = cols.to(ACC)[None, :] + zero[:, None]
             tp = tl.max(tl.where(pos, d, float("-inf")), 1)
             ip = tl.min(tl.where(pos & (d == tp[:, None]), colf, float("inf")), 1)
@@ -205,25 +334,101 @@ def _pairwise_fwd_kernel(X, R, LAB, RLAB, STATS, B, M, D, stride_x, stride_r, p0
             m_n = tl.where(better_n, tn, m_n)
             acc3 = tl.where(better_n, i_n, acc3)
             acc2 = tl.where(tl.sum(neg.to(tl.int32), 1) > 0, 1.0, acc2)
-            l_p += tl.sum(tl.where(pos & (d != d), 1.0, 0.0), 1)  # NaN distances seen
+            # NaN distances seen (max/min skip a NaN on the GPU, and the interpreter follows)
+            l_p += tl.sum(tl.where(pos & (d != d), 1.0, 0.0), 1)
             l_n += tl.sum(tl.where(neg & (d != d), 1.0, 0.0), 1)
 
     if LOSS == NT_XENT:  # sweep 2: the positive pairs against the negatives' LSE
         lse_n = _finish_lse(m_n, l_n, c_n)
-        for n0 in range(0, M, BLOCK_N):
+        for n0 in range(n_lo, n_hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < M
-            s, _, _ = _sim_tile(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r,
-                                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC, UPCAST)
+            rt = xt
+            if RESIDENT:
+                rt = _load_rows(R, cols, col_ok, 0, D, stride_r, BLOCK_K, UPCAST)
+            s = _tile_similarity(X, R, xt, rt, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N,
+                                 BLOCK_K, RESIDENT, PRECISION, ACC, UPCAST)
             same, pos, neg = _tile_masks(lab, RLAB, rows, cols, row_ok, col_ok, M, SELF_OFFSET)
             z = lse_n[:, None] - s / p0
             acc0 += tl.sum(tl.where(pos, _softplus_exact(z), 0.0), 1)
             acc1 += tl.sum(tl.where(pos, _sigmoid(z), 0.0), 1)
 
-    has_p = c_p > 0
-    has_n = c_n > 0
-    cpf = c_p.to(ACC)
-    cnf = c_n.to(ACC)
+    part = PART + (rows * tl.num_programs(1) + split) * NUM_PART
+    tl.store(part + PT_M_P, m_p, mask=row_ok)
+    tl.store(part + PT_L_P, l_p, mask=row_ok)
+    tl.store(part + PT_M_N, m_n, mask=row_ok)
+    tl.store(part + PT_L_N, l_n, mask=row_ok)
+    tl.store(part + PT_ACC0, acc0, mask=row_ok)
+    tl.store(part + PT_ACC1, acc1, mask=row_ok)
+    tl.store(part + PT_ACC2, acc2, mask=row_ok)
+    tl.store(part + PT_ACC3, acc3, mask=row_ok)
+    tl.store(part + PT_C_P, c_p.to(ACC), mask=row_ok)
+    tl.store(part + PT_C_N, c_n.to(ACC), mask=row_ok)
+
+
+@triton.jit
+def _merge_lse(m, l, m2, l2):
+    """Two running (max, sum-exp) pairs as one."""
+    m_new = tl.maximum(m, m2)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l * tl.exp(m - shift) + l2 * tl.exp(m2 - shift)
+
+
+@triton.jit
+def _pairwise_finish_kernel(PART, STATS, B, splits, p0_bits, p1_bits, p2_bits, LOSS: tl.constexpr,
+                            BLOCK_M: tl.constexpr, ACC: tl.constexpr):
+    """Merge the splits' per-row states in split order (so ties keep the first index, as one
+    sweep would) and write the engine's row statistics."""
+    p0 = f64(p0_bits).to(ACC)
+    p1 = f64(p1_bits).to(ACC)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    zero = tl.zeros((BLOCK_M,), ACC)
+    m_p = zero + float("-inf")
+    m_n = zero + float("-inf")
+    l_p = zero
+    l_n = zero
+    acc0 = zero
+    acc1 = zero
+    acc2 = zero
+    acc3 = zero
+    c_p = zero
+    c_n = zero
+    for split in range(0, splits):
+        part = PART + (rows * splits + split) * NUM_PART
+        m_p2 = tl.load(part + PT_M_P, mask=row_ok, other=float("-inf"))
+        l_p2 = tl.load(part + PT_L_P, mask=row_ok, other=0.0)
+        m_n2 = tl.load(part + PT_M_N, mask=row_ok, other=float("-inf"))
+        l_n2 = tl.load(part + PT_L_N, mask=row_ok, other=0.0)
+        a0 = tl.load(part + PT_ACC0, mask=row_ok, other=0.0)
+        a1 = tl.load(part + PT_ACC1, mask=row_ok, other=0.0)
+        a2 = tl.load(part + PT_ACC2, mask=row_ok, other=0.0)
+        a3 = tl.load(part + PT_ACC3, mask=row_ok, other=0.0)
+        if LOSS == TRIPLET_HARD:  # extremes and their first index; NaN distances counted
+            better = (a0 > 0.0) & ((m_p2 > m_p) | (acc0 == 0.0))
+            m_p = tl.where(better, m_p2, m_p)
+            acc1 = tl.where(better, a1, acc1)
+            acc0 = tl.maximum(acc0, a0)
+            better_n = (a2 > 0.0) & ((m_n2 < m_n) | (acc2 == 0.0))
+            m_n = tl.where(better_n, m_n2, m_n)
+            acc3 = tl.where(better_n, a3, acc3)
+            acc2 = tl.maximum(acc2, a2)
+            l_p += l_p2
+            l_n += l_n2
+        else:
+            m_p, l_p = _merge_lse(m_p, l_p, m_p2, l_p2)
+            m_n, l_n = _merge_lse(m_n, l_n, m_n2, l_n2)
+            acc0 += a0
+            acc1 += a1
+            acc2 += a2
+            acc3 += a3
+        c_p += tl.load(part + PT_C_P, mask=row_ok, other=0.0)
+        c_n += tl.load(part + PT_C_N, mask=row_ok, other=0.0)
+
+    has_p = c_p > 0.0
+    has_n = c_n > 0.0
+    cpf = c_p
+    cnf = c_n
     aux0 = zero
     aux1 = zero
     sum1 = zero
@@ -311,7 +516,9 @@ def _row_coefs(STATS, W, rows, row_ok, LOSS: tl.constexpr, TERMS: tl.constexpr, 
 
 
 @triton.jit
-def _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, LOSS: tl.constexpr, p0, p1, p2):
+def _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, nx, nr, LOSS: tl.constexpr, p0, p1, p2):
+    """dl/ds of the tile; for the distance losses dl/dd * dd/ds with dd/ds = -1/d (the
+    kernels add the norms' part, (sum_j G_ij) x_i, at the end)."""
     if LOSS == CIRCLE or LOSS == UNIFIED or LOSS == MULTI_SIMILARITY:
         a, da = _pair_logits(s, same, LOSS, p0, p1, p2)
         lse = tl.where(same, aux0[:, None], aux1[:, None])
@@ -324,12 +531,12 @@ def _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, LOSS: tl.constexpr, 
         z = aux0[:, None] - s / p0
         g = tl.where(pos, -c0[:, None] * _sigmoid(z), tl.where(neg, c1[:, None] * tl.exp(tl.where(neg, -z, 0.0)), 0.0))
     elif LOSS == CONTRASTIVE:
-        d = _unit_distance(s)
-        dd = _unit_distance_grad(d)
+        d = _distance(s, nx, nr)
+        dd = _distance_grad(d)
         g = tl.where(pos, c0[:, None] * _relu_grad(d - p0) * dd, tl.where(neg, -c1[:, None] * _relu_grad(p1 - d) * dd, 0.0))
     else:
-        d = _unit_distance(s)
-        dd = _unit_distance_grad(d)
+        d = _distance(s, nx, nr)
+        dd = _distance_grad(d)
         colf = cols.to(s.dtype)[None, :]
         g = tl.where(colf == aux0[:, None], c0[:, None] * dd, tl.where(colf == aux1[:, None], -c0[:, None] * dd, 0.0))
         g = tl.where(pos | neg, g, 0.0)
@@ -337,74 +544,105 @@ def _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, LOSS: tl.constexpr, 
 
 
 @triton.jit
-def _pairwise_bwd_rows_kernel(X, R, LAB, RLAB, STATS, W, DX, B, M, D, stride_x, stride_r, p0, p1, p2, SELF_OFFSET,
-                              LOSS: tl.constexpr, TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    """DX[rows] = sum over reference tiles of G[rows, cols] @ R[cols]."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+def _pairwise_bwd_rows_kernel(X, R, NX, NR, LAB, RLAB, STATS, W, DX, B, M, D, stride_x, stride_r, p0_bits, p1_bits,
+                              p2_bits, SELF_OFFSET, split_len, LOSS: tl.constexpr, TERMS: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_DO: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
+                              ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """DX[split, rows, chunk] = sum over the split's reference tiles of G[rows, cols] @ R[cols,
+    chunk]; grid axis 1 runs over the BLOCK_DO chunks of D (one chunk when RESIDENT), axis 2 over
+    splits of the references (DX holds one (B, D) partial per split, summed by the launcher)."""
+    p0 = f64(p0_bits).to(ACC)
+    p1 = f64(p1_bits).to(ACC)
+    p2 = f64(p2_bits).to(ACC)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
+    d0 = tl.program_id(1) * BLOCK_DO
+    split = tl.program_id(2)
+    n_lo = split * split_len
+    n_hi = tl.minimum(M, n_lo + split_len)
     lab = tl.load(LAB + rows, mask=row_ok, other=0)
     aux0, aux1, c0, c1 = _row_coefs(STATS, W, rows, row_ok, LOSS, TERMS, p0, p1)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
-    for n0 in range(0, M, BLOCK_N):
+    xt = 0.0
+    if RESIDENT:
+        xt = _load_rows(X, rows, row_ok, 0, D, stride_x, BLOCK_K, UPCAST)
+    nx = _squared_norms(NX, rows, row_ok, LOSS, BLOCK_M, ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC)
+    g_sum = tl.zeros((BLOCK_M,), ACC)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        s, _, rt = _sim_tile(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r,
-                             BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC, UPCAST)
+        if RESIDENT:  # the tile holds D: it is also the product's operand
+            r_out = _load_rows(R, cols, col_ok, 0, D, stride_r, BLOCK_K, UPCAST)
+        else:
+            r_out = _load_rows(R, cols, col_ok, d0, D, stride_r, BLOCK_DO, UPCAST)
+        s = _tile_similarity(X, R, xt, r_out, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N,
+                             BLOCK_K, RESIDENT, PRECISION, ACC, UPCAST)
         same, pos, neg = _tile_masks(lab, RLAB, rows, cols, row_ok, col_ok, M, SELF_OFFSET)
-        g = _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, LOSS, p0, p1, p2)
-        acc += tl.dot(g.to(rt.dtype), rt, input_precision=PRECISION, out_dtype=ACC)
-    ks = tl.arange(0, BLOCK_D)
-    tl.store(DX + rows[:, None] * D + ks[None, :], acc, mask=row_ok[:, None] & (ks[None, :] < D))
+        nr = _squared_norms(NR, cols, col_ok, LOSS, BLOCK_N, ACC)
+        g = _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, nx, nr, LOSS, p0, p1, p2)
+        acc = tl.dot(_grad_operand(g, r_out, UPCAST), r_out, acc, input_precision=PRECISION, out_dtype=ACC)
+        if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
+            g_sum += tl.sum(g, 1)
+    ks = d0 + tl.arange(0, BLOCK_DO)
+    if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:  # d(|x|^2)/dx: the distance's x part
+        acc -= g_sum[:, None] * _load_rows(X, rows, row_ok, d0, D, stride_x, BLOCK_DO, UPCAST).to(ACC)
+    out = DX + split.to(tl.int64) * B * D
+    tl.store(out + rows[:, None] * D + ks[None, :], acc, mask=row_ok[:, None] & (ks[None, :] < D))
 
 
 @triton.jit
-def _pairwise_bwd_cols_kernel(X, R, LAB, RLAB, STATS, W, DR, B, M, D, stride_x, stride_r, p0, p1, p2, SELF_OFFSET,
-                              ACCUMULATE: tl.constexpr, LOSS: tl.constexpr, TERMS: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _pairwise_bwd_cols_kernel(X, R, NX, NR, LAB, RLAB, STATS, W, DR, B, M, D, stride_x, stride_r, p0_bits, p1_bits,
+                              p2_bits, SELF_OFFSET, split_len, ACCUMULATE: tl.constexpr, LOSS: tl.constexpr,
+                              TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr, RESIDENT: tl.constexpr,
                               PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    """DR[cols] (+)= sum over anchor blocks of G[rows, cols]^T @ X[rows]."""
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    """DR[split, cols, chunk] (+)= sum over the split's anchor blocks of G[rows, cols]^T @
+    X[rows, chunk] (ACCUMULATE only with one split)."""
+    p0 = f64(p0_bits).to(ACC)
+    p1 = f64(p1_bits).to(ACC)
+    p2 = f64(p2_bits).to(ACC)
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < M
-    acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
-    for m0 in range(0, B, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
+    d0 = tl.program_id(1) * BLOCK_DO
+    split = tl.program_id(2)
+    m_lo = split * split_len
+    m_hi = tl.minimum(B, m_lo + split_len)
+    rt = 0.0
+    if RESIDENT:
+        rt = _load_rows(R, cols, col_ok, 0, D, stride_r, BLOCK_K, UPCAST)
+    nr = _squared_norms(NR, cols, col_ok, LOSS, BLOCK_N, ACC)
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), ACC)
+    g_sum = tl.zeros((BLOCK_N,), ACC)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < B
         lab = tl.load(LAB + rows, mask=row_ok, other=0)
         aux0, aux1, c0, c1 = _row_coefs(STATS, W, rows, row_ok, LOSS, TERMS, p0, p1)
-        s, xt, _ = _sim_tile(X, R, rows, cols, row_ok, col_ok, D, stride_x, stride_r,
-                             BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC, UPCAST)
+        if RESIDENT:  # the tile holds D: it is also the product's operand
+            x_out = _load_rows(X, rows, row_ok, 0, D, stride_x, BLOCK_K, UPCAST)
+        else:
+            x_out = _load_rows(X, rows, row_ok, d0, D, stride_x, BLOCK_DO, UPCAST)
+        s = _tile_similarity(X, R, x_out, rt, rows, cols, row_ok, col_ok, D, stride_x, stride_r, BLOCK_M, BLOCK_N,
+                             BLOCK_K, RESIDENT, PRECISION, ACC, UPCAST)
         same, pos, neg = _tile_masks(lab, RLAB, rows, cols, row_ok, col_ok, M, SELF_OFFSET)
-        g = _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, LOSS, p0, p1, p2)
-        acc += tl.dot(tl.trans(g.to(xt.dtype)), xt, input_precision=PRECISION, out_dtype=ACC)
-    ks = tl.arange(0, BLOCK_D)
+        nx = _squared_norms(NX, rows, row_ok, LOSS, BLOCK_M, ACC)
+        g = _grad_tile(s, same, pos, neg, cols, aux0, aux1, c0, c1, nx, nr, LOSS, p0, p1, p2)
+        acc = tl.dot(tl.trans(_grad_operand(g, x_out, UPCAST)), x_out, acc, input_precision=PRECISION,
+                     out_dtype=ACC)
+        if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:
+            g_sum += tl.sum(g, 0)
+    ks = d0 + tl.arange(0, BLOCK_DO)
+    if LOSS == CONTRASTIVE or LOSS == TRIPLET_HARD:  # d(|r|^2)/dr
+        acc -= g_sum[:, None] * _load_rows(R, cols, col_ok, d0, D, stride_r, BLOCK_DO, UPCAST).to(ACC)
     out_mask = col_ok[:, None] & (ks[None, :] < D)
-    ptrs = DR + cols[:, None] * D + ks[None, :]
+    ptrs = DR + split.to(tl.int64) * M * D + cols[:, None] * D + ks[None, :]
     if ACCUMULATE:
         acc += tl.load(ptrs, mask=out_mask, other=0.0)
     tl.store(ptrs, acc, mask=out_mask)
 
 
-def _config(D: int, dtype: torch.dtype, device: torch.device):
-    block_d = max(16, triton.next_power_of_2(D))
-    if device.type != "cuda":  # interpreter: few, small programs
-        return 16, 16, block_d, 4
-    if dtype == torch.float64:
-        return 16, 32, block_d, 4
-    if block_d <= 128:
-        return 64, 64, block_d, 4
-    if block_d <= 256:
-        return 64, 32, block_d, 8
-    if block_d <= 512:
-        return 32, 32, block_d, 8
-    return 16, 32, block_d, 8
-
-
-def _precision(dtype):
-    # fp32 inputs: full-precision products, as torch.mm does (no TF32) by default.
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+# ---------------------------------------------------------------- launches
 
 
 def _upcast(x):
@@ -417,70 +655,146 @@ def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def check_supported(x: torch.Tensor, loss: int) -> str | None:
-    """None when the kernels take this problem, else the reason."""
+def _stat_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# Rows per program of the kernel that merges the forward's splits.
+FINISH_BLOCK = 128
+
+
+def check_supported(x: torch.Tensor, loss: int, num_refs: int | None = None) -> str | None:
+    """None when the kernels take this problem, else the reason: derived from the table (every
+    dtype has an entry for any D) and the statistics' float32 column indices."""
     if loss not in SUPPORTED:
         return "triplet loss over all triplets has no Triton kernel (it needs per-anchor sorted distances); use backend='cuda'"
-    if x.shape[1] > MAX_D:
-        return f"the Triton pairwise kernels hold the embedding in one tile and take D <= {MAX_D}, got D={x.shape[1]}"
+    if pick(table(x.device), x.dtype, x.shape[1]) is None:
+        return f"the Triton pairwise kernels have no configuration for {x.dtype} embeddings of size {x.shape[1]}"
+    refs = x.shape[0] if num_refs is None else num_refs
+    if loss == PairLoss.TRIPLET_HARD and x.dtype != torch.float64 and refs > MAX_INDEXED_REFS:
+        return (f"batch-hard triplets keep the chosen reference index in float32 statistics: at most "
+                f"{MAX_INDEXED_REFS} references, got {refs}")
     return None
 
 
-def _params(params):
-    p = [float(v) for v in params] + [0.0] * (3 - len(params))
-    return p[0], p[1], p[2]
+def _norms(x, loss, placeholder):
+    """Squared row norms (0 or about 1 for normalized rows) for the distance losses; else an
+    unread placeholder of the same dtype (one compiled signature for every loss)."""
+    if loss not in DISTANCE_LOSSES:
+        return placeholder
+    return x.to(_stat_dtype(x)).square().sum(1)
 
 
-def _common(x, loss):
-    bm, bn, bd, warps = _config(x.shape[1], x.dtype, x.device)
-    return (bm, bn), dict(LOSS=loss, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=_precision(x.dtype),
-                          ACC=_acc(x.dtype), UPCAST=_upcast(x), num_warps=warps)
+def _prepare(x, labels, ref, ref_labels, ref_is_x, loss, params, placeholder):
+    x = rows_layout(x)
+    labels = labels.contiguous()
+    if ref_is_x:
+        ref, ref_labels = x, labels
+    else:
+        ref, ref_labels = rows_layout(ref), ref_labels.contiguous()
+    nx = _norms(x, loss, placeholder)
+    nr = nx if ref_is_x else _norms(ref, loss, placeholder)
+    bits = [f64_bits(v) for v in params] + [0] * (3 - len(params))
+    entry = pick(table(x.device), x.dtype, x.shape[1])
+    if entry is None:
+        raise RuntimeError(check_supported(x, loss))
+    return x, labels, ref, ref_labels, nx, nr, bits, entry
 
 
-def forward_row_stats(x, labels, ref, ref_labels, self_offset: int, loss: int, params) -> torch.Tensor:
+def _constexprs(entry: Entry, x_dtype, loss: int, upcast: bool) -> dict:
+    return dict(LOSS=int(loss), BLOCK_M=entry.block("BLOCK_M"), BLOCK_N=entry.block("BLOCK_N"),
+                BLOCK_K=entry.block("BLOCK_K"), RESIDENT=resident(entry), PRECISION=precision(x_dtype),
+                ACC=_acc(x_dtype), UPCAST=upcast)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_sweep(programs: int, length: int, block: int, device: torch.device, allowed: bool = True) -> tuple:
+    """(splits, split_len): cut a sweep of `length` (in `block` tiles) into splits so that
+    `programs` x splits programs fill the GPU (about two per SM: B = 2048 has 32 row blocks of
+    64, a quarter of an H100's 132 SMs); under the interpreter up to 3 splits, so that the tests
+    run the merge. One split when not allowed (NT-Xent's two sweeps)."""
+    tiles = triton.cdiv(length, block)
+    if not allowed:
+        splits = 1
+    elif device.type == "cuda":
+        splits = min(tiles, max(1, triton.cdiv(2 * _multiprocessors(device), programs)))
+    else:
+        splits = min(tiles, 3)
+    split_len = triton.cdiv(tiles, splits) * block
+    return triton.cdiv(length, split_len), split_len
+
+
+def forward_row_stats(x, labels, ref, ref_labels, self_offset: int, loss: int, params, ref_is_x: bool = False):
     """(B, NUM_STATS) row statistics in float32 (float64 for float64 x)."""
     B, D = x.shape
     M = ref.shape[0]
-    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    stats = torch.zeros((B, NUM_STATS), dtype=stat_dtype, device=x.device)
+    stats = torch.zeros((B, NUM_STATS), dtype=_stat_dtype(x), device=x.device)
     if B == 0 or M == 0:
         if loss in (PairLoss.CIRCLE, PairLoss.UNIFIED, PairLoss.MULTI_SIMILARITY):
             stats[:, PairStat.AUX0] = float("-inf")
             stats[:, PairStat.AUX1] = float("-inf")
         return stats
-    (bm, _), kw = _common(x, loss)
-    _pairwise_fwd_kernel[(triton.cdiv(B, bm),)](
-        x, ref, labels, ref_labels, stats, B, M, D, x.stride(0), ref.stride(0), *_params(params), int(self_offset), **kw
-    )
+    x, labels, ref, ref_labels, nx, nr, bits, entry = _prepare(x, labels, ref, ref_labels, ref_is_x, loss, params,
+                                                               stats)
+    kw = _constexprs(entry, x.dtype, loss, _upcast(x))
+    row_blocks = triton.cdiv(B, kw["BLOCK_M"])
+    splits, split_len = split_sweep(row_blocks, M, kw["BLOCK_N"], x.device, allowed=loss != PairLoss.NT_XENT)
+    part = torch.empty((B, splits, len(PART_COLUMNS)), dtype=stats.dtype, device=x.device)
+    launch(_pairwise_fwd_kernel, (row_blocks, splits),
+           x, ref, nx, nr, labels, ref_labels, part, B, M, D, x.stride(0), ref.stride(0), *bits, int(self_offset),
+           split_len, num_warps=entry.num_warps, num_stages=entry.num_stages, **kw)
+    launch(_pairwise_finish_kernel, (triton.cdiv(B, FINISH_BLOCK),), part, stats, B, splits, *bits, LOSS=int(loss),
+           BLOCK_M=FINISH_BLOCK, ACC=kw["ACC"])
     return stats
+
+
+def _swept(kernel, grid, programs, length, block, out, accumulate, args, scalars, kw):
+    """Launch a backward kernel over (programs, D chunks, splits of its sweep): with one split
+    straight into `out` (added to it when `accumulate`), else into one partial per split,
+    summed in order (deterministic)."""
+    splits, split_len = split_sweep(programs * grid[1], length, block, out.device)
+    extra = {"ACCUMULATE": accumulate and splits == 1} if kernel is _pairwise_bwd_cols_kernel else {}
+    target = out if splits == 1 else torch.empty((splits,) + tuple(out.shape), dtype=out.dtype, device=out.device)
+    launch(kernel, grid + (splits,), *args, target, *scalars, split_len, **extra, **kw)
+    if splits > 1:
+        if accumulate:
+            out += target.sum(0)
+        else:
+            torch.sum(target, 0, out=out)
 
 
 def backward(x, labels, ref, ref_labels, row_stats, row_weights, self_offset: int, ref_is_x: bool, loss: int, params,
              ref_grad: bool):
     """structloss_fast::pairwise_loss_backward_triton: (grad_x, grad_ref) in float32 (float64 for
     float64 x); grad_ref is empty with ref_is_x or without ref_grad."""
-    if ref_is_x:
-        ref, ref_labels = x, labels
     B, D = x.shape
-    M = ref.shape[0]
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    M = B if ref_is_x else ref.shape[0]
+    acc_dtype = _stat_dtype(x)
     grad_x = torch.zeros((B, D), dtype=acc_dtype, device=x.device)
     want_ref = ref_grad and not ref_is_x
     grad_ref = torch.zeros((M if want_ref else 0, D), dtype=acc_dtype, device=x.device)
     if B == 0 or M == 0:
         return grad_x, grad_ref
     row_stats = row_stats.to(acc_dtype).contiguous()
+    x, labels, ref, ref_labels, nx, nr, bits, entry = _prepare(x, labels, ref, ref_labels, ref_is_x, loss, params,
+                                                               row_stats)
     row_weights = row_weights.to(acc_dtype).contiguous()
-    (bm, bn), kw = _common(x, loss)
-    args = (x, ref, labels, ref_labels, row_stats, row_weights)
-    scalars = (B, M, D, x.stride(0), ref.stride(0), *_params(params), int(self_offset))
-    terms = row_weights.shape[1]
-    _pairwise_bwd_rows_kernel[(triton.cdiv(B, bm),)](*args, grad_x, *scalars, TERMS=terms, **kw)
+    kw = _constexprs(entry, x.dtype, loss, _upcast(x))
+    kw.update(TERMS=row_weights.shape[1], BLOCK_DO=entry.block("BLOCK_DO"), num_warps=entry.num_warps,
+              num_stages=entry.num_stages)
+    args = (x, ref, nx, nr, labels, ref_labels, row_stats, row_weights)
+    scalars = (B, M, D, x.stride(0), ref.stride(0), *bits, int(self_offset))
+    d_chunks = triton.cdiv(D, kw["BLOCK_DO"])
+    row_blocks = triton.cdiv(B, kw["BLOCK_M"])
+    _swept(_pairwise_bwd_rows_kernel, (row_blocks, d_chunks), row_blocks, M, kw["BLOCK_N"], grad_x, False, args,
+           scalars, kw)
     if ref_is_x or want_ref:
-        target = grad_x if ref_is_x else grad_ref
-        _pairwise_bwd_cols_kernel[(triton.cdiv(M, bn),)](
-            *args, target, *scalars, ACCUMULATE=ref_is_x, TERMS=terms, **kw
-        )
+        col_blocks = triton.cdiv(M, kw["BLOCK_N"])
+        _swept(_pairwise_bwd_cols_kernel, (col_blocks, d_chunks), col_blocks, B, kw["BLOCK_M"],
+               grad_x if ref_is_x else grad_ref, ref_is_x, args, scalars, kw)
     return grad_x, grad_ref
 
 
@@ -492,7 +806,7 @@ def forward(x, labels, ref, ref_labels, self_offset: int, ref_is_x: bool, loss: 
     asks it for forward gradients (on a GPU recomputing them in backward, flash-attention style,
     is cheaper); when asked, it runs the backward kernels with unit weights per term."""
     ref_in, ref_lab = (x, labels) if ref_is_x else (ref, ref_labels)
-    stats = forward_row_stats(x, labels, ref_in, ref_lab, self_offset, loss, params)
+    stats = forward_row_stats(x, labels, ref_in, ref_lab, self_offset, loss, params, ref_is_x)
     B, D = x.shape
     M = ref.shape[0]
     T = PAIR_LOSS_INFO[loss].terms if grad_mode != PairGradMode.NONE else 0
@@ -512,25 +826,35 @@ def forward(x, labels, ref, ref_labels, self_offset: int, ref_is_x: bool, loss: 
 # ---------------------------------------------------------------- ahead-of-time compile check
 
 
-def aot_configs():
-    """(kernel, signature, constexprs, num_warps) of configurations that tests/test_triton_build.py
-    compiles for sm_90 without a GPU: every kernel and supported loss in bf16, and Circle in
-    fp32 and fp64, at the GPU block sizes of D = 128."""
+def aot_configs(full: bool = False):
+    """The specializations tests/test_triton_build.py compiles for sm_90: every GPU_TABLE entry
+    for each kernel, as the JIT specializes them for aligned tensors and sizes divisible by 16;
+    with Circle loss in the entry's first dtype, or (full=True) every supported loss in every
+    dtype of the entry."""
     out = []
-    for loss in SUPPORTED:
-        dtypes = [("bf16", "fp32")] + ([("fp32", "fp32"), ("fp64", "fp64")] if loss == PairLoss.CIRCLE else [])
-        for x_dtype, acc in dtypes:
-            torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[x_dtype]
-            bm, bn, bd, warps = _config(128, torch_dtype, torch.device("cuda"))
-            terms = PAIR_LOSS_INFO[loss].terms
-            sig = {"X": f"*{x_dtype}", "R": f"*{x_dtype}", "LAB": "*i64", "RLAB": "*i64", "STATS": f"*{acc}"}
-            scalars = {"B": "i32", "M": "i32", "D": "i32", "stride_x": "i32", "stride_r": "i32", "p0": "fp32",
-                       "p1": "fp32", "p2": "fp32", "SELF_OFFSET": "i32"}
-            consts = dict(LOSS=int(loss), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=_precision(torch_dtype),
-                          ACC=_acc(torch_dtype), UPCAST=False)
-            out.append((_pairwise_fwd_kernel, {**sig, **scalars}, consts, warps))
-            out.append((_pairwise_bwd_rows_kernel, {**sig, "W": f"*{acc}", "DX": f"*{acc}", **scalars},
-                        {**consts, "TERMS": terms}, warps))
-            out.append((_pairwise_bwd_cols_kernel, {**sig, "W": f"*{acc}", "DR": f"*{acc}", **scalars},
-                        {**consts, "TERMS": terms, "ACCUMULATE": True}, warps))
+    for entry in GPU_TABLE:
+        for dt in entry.dtypes if full else entry.dtypes[:1]:
+            acc = "fp64" if dt == "fp64" else "fp32"
+            tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[dt]
+            ptrs = {"X": f"*{dt}", "R": f"*{dt}", "NX": f"*{acc}", "NR": f"*{acc}", "LAB": "*i64", "RLAB": "*i64"}
+            scalars = {"B": "i32", "M": "i32", "D": "i32", "stride_x": "i32", "stride_r": "i32", "p0_bits": "i64",
+                       "p1_bits": "i64", "p2_bits": "i64", "SELF_OFFSET": "i32", "split_len": "i32"}
+            divisible = tuple(ptrs) + ("PART", "STATS", "W", "DX", "DR", "D", "stride_x", "stride_r", "split_len")
+            for loss in SUPPORTED if full else (PairLoss.CIRCLE,):
+                consts = _constexprs(entry, tdt, loss, False)
+                label = f"{entry.describe()} {dt} loss={PairLoss(loss).name.lower()}"
+                terms = PAIR_LOSS_INFO[loss].terms
+                out.append(AotConfig(_pairwise_fwd_kernel, {**ptrs, "PART": f"*{acc}", **scalars}, consts,
+                                     entry.num_warps, entry.num_stages, divisible, label))
+                out.append(AotConfig(_pairwise_finish_kernel,
+                                     {"PART": f"*{acc}", "STATS": f"*{acc}", "B": "i32", "splits": "i32",
+                                      "p0_bits": "i64", "p1_bits": "i64", "p2_bits": "i64"},
+                                     {"LOSS": int(loss), "BLOCK_M": FINISH_BLOCK, "ACC": consts["ACC"]}, 4, 1,
+                                     ("PART", "STATS"), label))
+                bwd = {**consts, "TERMS": terms, "BLOCK_DO": entry.block("BLOCK_DO")}
+                stats = {"STATS": f"*{acc}", "W": f"*{acc}"}
+                out.append(AotConfig(_pairwise_bwd_rows_kernel, {**ptrs, **stats, "DX": f"*{acc}", **scalars},
+                                     bwd, entry.num_warps, entry.num_stages, divisible, label))
+                out.append(AotConfig(_pairwise_bwd_cols_kernel, {**ptrs, **stats, "DR": f"*{acc}", **scalars},
+                                     {**bwd, "ACCUMULATE": True}, entry.num_warps, entry.num_stages, divisible, label))
     return out

@@ -62,9 +62,11 @@ def prepare(embeddings, labels, ref_embeddings, ref_labels, ref_self_index, back
         self_offset = -1 if ref_self_index is None else int(ref_self_index)
         ref_is_x = False
     if backend_name == "triton" and low_precision:
-        # Triton reads fp16/bf16 tiles directly (tensor cores) and accumulates in fp32.
-        x = x.to(embeddings.dtype)
-        ref = x if ref_is_x else ref.to(embeddings.dtype)
+        # Triton reads fp16/bf16 tiles directly (tensor cores) and accumulates in fp32; the tiles
+        # are rows of unit stride (the kernels' wrapper copies other layouts): convert into that
+        # layout in the one copy made here (F.normalize keeps a transposed input's layout).
+        x = x.to(embeddings.dtype, memory_format=torch.contiguous_format)
+        ref = x if ref_is_x else ref.to(embeddings.dtype, memory_format=torch.contiguous_format)
     return x, labels64, ref, ref_lab64, self_offset, ref_is_x
 
 
@@ -75,7 +77,7 @@ def loss_terms(loss_name, params, embeddings, labels, ref_embeddings=None, ref_l
     (DistributedPairwiseLoss); `params` as validated by the loss's functional API."""
     check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
     loss_id = _ops.LOSSES[loss_name]
-    chosen = _ops.resolve(backend, embeddings, loss_id)
+    chosen = _ops.resolve(backend, embeddings, loss_id, ref_embeddings)
     if chosen == "reference":
         raise _registry.BackendUnavailable("loss_terms needs a compiled or Triton backend (the reference reduces densely)")
     x, lab, ref, ref_lab, self_offset, ref_is_x = prepare(embeddings, labels, ref_embeddings, ref_labels,
@@ -89,7 +91,7 @@ def _run(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, re
     check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
     _validate.reduction(reduction)
     loss_id = _ops.LOSSES[loss_name]
-    chosen = _ops.resolve(backend, embeddings, loss_id)
+    chosen = _ops.resolve(backend, embeddings, loss_id, ref_embeddings)
     if chosen == "reference":
         return reference_fn(embeddings, labels, *params, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                             reduction=reduction, ref_self_index=ref_self_index)

@@ -73,11 +73,13 @@ def _reduction(value: str) -> str:
 
 
 def _draw_seed(generator: Optional[torch.Generator], device: torch.device) -> Tensor:
-    """One int64 from torch's generator (the default one unless given): torch.manual_seed
-    reproduces the kernels' samples."""
-    gen_device = generator.device if generator is not None else torch.device("cpu")
+    """One int64 from torch's generator: the given one, else the default generator of the
+    tensors' device (torch.manual_seed reproduces the kernels' samples). Drawn where it is used,
+    so that a CUDA call neither copies from the host nor waits for it (and can be captured in
+    a CUDA graph); a generator of another device costs one copy."""
+    gen_device = generator.device if generator is not None else device
     seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, generator=generator, device=gen_device)
-    return seed.to(device)
+    return seed.to(device, non_blocking=True)
 
 
 def _compute_dtype(*tensors: Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -126,7 +128,8 @@ def sampled_nce_loss(
             backends and the reference on fixed samples).
         use_logq: False gives the "ranking" variant (z_k = s(y_k)).
         reduction: "sum" (the paper's) | "mean" | "none" (per example, (B,)).
-        generator: torch.Generator the seed is drawn from (default: torch's default CPU generator).
+        generator: torch.Generator the seed is drawn from (default: the default generator of the
+            tensors' device; a generator of another device costs one copy).
         backend: "auto" | "reference" | "cpu" | "triton" ("cuda" has no SEAL kernel).
     """
     return _sampled_nce_loss(unary, probs, labels, global_weight, global_bias, global_out, num_samples, samples,
@@ -184,8 +187,7 @@ def _sampled_nce_loss(unary, probs, labels, global_weight, global_bias, global_o
                                                                                      device=unary.device)
     if chosen == "reference":
         p = probs.detach().to(out_dtype)
-        y = samples.to(out_dtype) if samples is not None else _ref.philox_bernoulli(p, num_samples,
-                                                                                  _ref.seed_value(seed.cpu()))
+        y = samples.to(out_dtype) if samples is not None else _ref.philox_bernoulli(p, num_samples, seed)
         return _ref.nce_ranking_loss(unary.to(out_dtype), p, labels.to(out_dtype), y, global_weight.to(out_dtype),
                                      global_bias.to(out_dtype), global_out.to(out_dtype), use_logq=use_logq,
                                      reduction=reduction)
@@ -209,13 +211,18 @@ def seal_bernoulli(probs: Tensor, num_samples: int, *, generator: Optional[torch
     _check_values("probs", probs)
     if seed is None:
         seed_t = _draw_seed(generator, probs.device)
-    else:
-        seed_t = torch.tensor([int(seed) - (1 << 64) if int(seed) >= (1 << 63) else int(seed)], dtype=torch.int64,
-                              device=probs.device)
-    if _registry.resolve("seal_bernoulli", "auto", probs.device) == "cpu":
+    else:  # a fill on the device, not a copy from the host
+        seed_t = torch.full((1,), int(seed) - (1 << 64) if int(seed) >= (1 << 63) else int(seed), dtype=torch.int64,
+                            device=probs.device)
+    chosen = _registry.resolve("seal_bernoulli", "auto", probs.device)
+    if chosen == "cpu":
         dt = torch.float64 if probs.dtype == torch.float64 else torch.float32
         return torch.ops.structloss_fast.seal_bernoulli(probs.detach().to(dt), seed_t, num_samples).to(probs.dtype)
-    return _ref.philox_bernoulli(probs, num_samples, _ref.seed_value(seed_t.cpu()))
+    if chosen == "triton":
+        from . import _triton
+
+        return _triton.bernoulli(probs.detach(), seed_t, num_samples)
+    return _ref.philox_bernoulli(probs, num_samples, seed_t)
 
 
 # ---------------------------------------------------------------- the energy network

@@ -147,8 +147,9 @@ def _mulhilo32(a: torch.Tensor, m: int):
     return hi & MASK32, lo & MASK32
 
 
-def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = 10):
-    """Philox4x32-10 on int64 tensors of 32-bit counter words; returns the 4 output words."""
+def philox4x32(c0, c1, c2, c3, seed, rounds: int = 10):
+    """Philox4x32-10 on int64 tensors of 32-bit counter words; returns the 4 output words. The
+    seed is an int or an int64 tensor (read on its device, never copied to the host)."""
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for r in range(rounds):
         hi0, lo0 = _mulhilo32(c0, PHILOX_M0)
@@ -158,9 +159,13 @@ def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = 10):
     return c0, c1, c2, c3
 
 
-def philox_uniform24(batch: int, num_samples: int, num_labels: int, seed: int, device=None) -> torch.Tensor:
-    """The kernels' uniforms: (B, K, L) int64 values in [0, 2^24)."""
-    seed = int(seed) & ((1 << 64) - 1)
+def philox_uniform24(batch: int, num_samples: int, num_labels: int, seed, device=None) -> torch.Tensor:
+    """The kernels' uniforms: (B, K, L) int64 values in [0, 2^24). seed: an int, or the kernels'
+    seed tensor (int64, one element: its two's-complement bits are the 64-bit key)."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(()).to(device=device, dtype=torch.int64)
+    else:
+        seed = int(seed) & ((1 << 64) - 1)
     J = (num_labels + 3) // 4
     b = torch.arange(batch, dtype=torch.int64, device=device).view(-1, 1, 1)
     k = torch.arange(num_samples, dtype=torch.int64, device=device).view(1, -1, 1)
@@ -171,8 +176,9 @@ def philox_uniform24(batch: int, num_samples: int, num_labels: int, seed: int, d
     return out >> 8
 
 
-def philox_bernoulli(probs: torch.Tensor, num_samples: int, seed: int) -> torch.Tensor:
-    """The samples the fused kernels draw for this seed: (B, K, L) in probs' dtype."""
+def philox_bernoulli(probs: torch.Tensor, num_samples: int, seed) -> torch.Tensor:
+    """The samples the fused kernels draw for this seed (an int or the kernels' seed tensor):
+    (B, K, L) in probs' dtype."""
     B, L = probs.shape
     u = philox_uniform24(B, num_samples, L, seed, device=probs.device)
     # u * 2^-24 is exact in every float dtype; compare in float64 to keep p exact too.

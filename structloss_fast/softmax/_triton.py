@@ -6,8 +6,10 @@ from the other classes' sum, without cancellation), the label-smoothing sums whe
 the gradient, written during the forward (MODE = FORWARD) or from the saved row statistics
 (MODE = MODE_BACKWARD, the recomputing backward). The math is csrc/common/softmax_math.h's, line for line.
 The fused linear variant is a loop over row chunks around cuBLAS products in linear_softmax_loss
-below. The same code runs on CPU tensors under TRITON_INTERPRET=1, which is how it is tested
-here.
+below: GPU-sized chunks (LINEAR_CHUNK_BYTES of float32 logits), the gradient written in the
+input's dtype for the products that follow, and the weight's and bias's gradients accumulated
+in place. The launch shapes come from the configuration table (GPU_TABLE). The same code runs
+on CPU tensors under TRITON_INTERPRET=1, which is how it is tested here.
 """
 from __future__ import annotations
 
@@ -18,9 +20,12 @@ import triton
 import triton.language as tl
 
 from .._ids import SoftmaxStat, SoftmaxTransform
+from .._triton_support import AotConfig, Entry, f64, f64_bits, launch, pick, rows_layout
 
-# Logits elements of one fused-linear row chunk (float32): 32 MiB, as the CPU kernels.
-CHUNK_ELEMS = 1 << 23
+# Float32 logits of one fused-linear row chunk: 256 MiB on a GPU (C = 128000: 524 rows, so the
+# three products per chunk are large enough for the tensor cores), 32 MiB elsewhere (as the CPU
+# kernels).
+LINEAR_CHUNK_BYTES = {"cuda": 1 << 28, "cpu": 1 << 25}
 
 # The ids of csrc/common/ids.h as compile-time constants of the kernels.
 IDENTITY: tl.constexpr = tl.constexpr(int(SoftmaxTransform.IDENTITY))
@@ -41,23 +46,30 @@ ST_LOG_SUM: tl.constexpr = tl.constexpr(int(SoftmaxStat.LOG_SUM))
 # The kernel's MODE: statistics (and the gradient) in the forward, or the gradient from them.
 MODE_FORWARD, MODE_BACKWARD = 0, 1
 FORWARD: tl.constexpr = tl.constexpr(MODE_FORWARD)
-# The kernel's scalar parameters, in the order of its P tensor (derived from the op's params
-# in float64 on the host, see _scalars).
+# The kernel's scalar parameters, in the order of its *_b arguments (derived from the op's
+# params in float64 on the host, see _scalars, and passed as exact doubles, f64_bits).
 SCALARS = ("log_end", "rho", "ls", "eps", "log_eps", "log1m_le", "inv_1m_le", "t0", "t1", "cos_m", "sin_m", "arc_th",
            "arc_mm")
-P_LOG_END: tl.constexpr = tl.constexpr(SCALARS.index("log_end"))
-P_RHO: tl.constexpr = tl.constexpr(SCALARS.index("rho"))
-P_LS: tl.constexpr = tl.constexpr(SCALARS.index("ls"))
-P_EPS: tl.constexpr = tl.constexpr(SCALARS.index("eps"))
-P_LOG_EPS: tl.constexpr = tl.constexpr(SCALARS.index("log_eps"))
-P_LOG1M_LE: tl.constexpr = tl.constexpr(SCALARS.index("log1m_le"))
-P_INV_1M_LE: tl.constexpr = tl.constexpr(SCALARS.index("inv_1m_le"))
-P_T0: tl.constexpr = tl.constexpr(SCALARS.index("t0"))
-P_T1: tl.constexpr = tl.constexpr(SCALARS.index("t1"))
-P_COS_M: tl.constexpr = tl.constexpr(SCALARS.index("cos_m"))
-P_SIN_M: tl.constexpr = tl.constexpr(SCALARS.index("sin_m"))
-P_ARC_TH: tl.constexpr = tl.constexpr(SCALARS.index("arc_th"))
-P_ARC_MM: tl.constexpr = tl.constexpr(SCALARS.index("arc_mm"))
+
+
+def _entry(dtypes, max_c, block, warps):
+    return Entry(dtypes, max_c, (("BLOCK", block),), warps, 1)
+
+
+# One program per row, the row walked in BLOCK columns: any C has an entry. Not tuned on a GPU;
+# tests/test_triton_build.py compiles each for sm_90.
+GPU_TABLE = tuple(
+    e for dts in (("bf16", "fp16"), ("fp32",))
+    for e in (_entry(dts, 256, 256, 2), _entry(dts, 4096, 2048, 4), _entry(dts, None, 4096, 8))
+) + (  # float64: half the block (2048 and 4096 spilled 824 bytes)
+    _entry(("fp64",), 256, 256, 2), _entry(("fp64",), 4096, 1024, 4), _entry(("fp64",), None, 2048, 8),
+)
+# Under the interpreter: small blocks, so that the tests' rows already span several blocks.
+INTERPRETER_TABLE = (_entry(("bf16", "fp16", "fp32", "fp64"), None, 32, 4),)
+
+
+def table(device: torch.device) -> tuple:
+    return GPU_TABLE if device.type == "cuda" else INTERPRETER_TABLE
 
 
 @triton.jit
@@ -149,24 +161,24 @@ def _small_class_terms(p, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_L
 
 
 @triton.jit
-def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, ignore_index,
+def _el_row_kernel(X, Y, CW, STATS, G, RS, stride_x, stride_g, stride_rs, C, ignore_index, log_end_b, rho_b, ls_b,
+                   eps_b, log_eps_b, log1m_le_b, inv_1m_le_b, t0_b, t1_b, cos_m_b, sin_m_b, arc_th_b, arc_mm_b,
                    K: tl.constexpr, MODE: tl.constexpr, HAS_LE: tl.constexpr, LS: tl.constexpr,
                    HAS_W: tl.constexpr, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    # Scalar parameters come from a tensor in the accumulation dtype: Python floats would be
-    # passed as float32, which is not exact enough for the float64 path.
-    log_end = tl.load(P + P_LOG_END)
-    rho = tl.load(P + P_RHO)
-    ls = tl.load(P + P_LS)
-    eps = tl.load(P + P_EPS)
-    log_eps = tl.load(P + P_LOG_EPS)
-    log1m_le = tl.load(P + P_LOG1M_LE)
-    inv_1m_le = tl.load(P + P_INV_1M_LE)
-    t0 = tl.load(P + P_T0)
-    t1 = tl.load(P + P_T1)
-    cos_m = tl.load(P + P_COS_M)
-    sin_m = tl.load(P + P_SIN_M)
-    arc_th = tl.load(P + P_ARC_TH)
-    arc_mm = tl.load(P + P_ARC_MM)
+    # Scalar parameters arrive as the bits of doubles (f64_bits): exact in the float64 path.
+    log_end = f64(log_end_b).to(ACC)
+    rho = f64(rho_b).to(ACC)
+    ls = f64(ls_b).to(ACC)
+    eps = f64(eps_b).to(ACC)
+    log_eps = f64(log_eps_b).to(ACC)
+    log1m_le = f64(log1m_le_b).to(ACC)
+    inv_1m_le = f64(inv_1m_le_b).to(ACC)
+    t0 = f64(t0_b).to(ACC)
+    t1 = f64(t1_b).to(ACC)
+    cos_m = f64(cos_m_b).to(ACC)
+    sin_m = f64(sin_m_b).to(ACC)
+    arc_th = f64(arc_th_b).to(ACC)
+    arc_mm = f64(arc_mm_b).to(ACC)
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     y = tl.load(Y + row)
@@ -312,11 +324,6 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, 
             tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=ok)
 
 
-def _block(C: int, device: torch.device) -> int:
-    cap = 4096 if device.type == "cuda" else 32  # interpreter: small blocks exercise the block loop
-    return max(16, min(triton.next_power_of_2(max(C, 1)), cap))
-
-
 def _scalars(transform: int, params):
     log_end, rho, ls, eps, t0, t1 = (float(p) for p in params)
     has_le = log_end < 1.0
@@ -332,30 +339,41 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_supported(logits: torch.Tensor) -> str | None:
+    """None when the kernel takes rows of this dtype and length (the table has an entry for
+    any C in every floating dtype), else the reason."""
+    if pick(table(logits.device), logits.dtype, logits.shape[-1]) is None:
+        return f"the Triton row-softmax kernel has no configuration for {logits.dtype} rows of {logits.shape[-1]} classes"
+    return None
+
+
 def _launch(x, target, class_weight, stats, grad, row_scale, ignore_index, transform, params, mode):
     N, C = x.shape
     if N == 0:
         return
     sc, has_le, has_ls = _scalars(transform, params)
     acc = _acc(x.dtype)
-    cw = class_weight.to(acc).contiguous() if class_weight is not None else x  # placeholder when absent
+    entry = pick(table(x.device), x.dtype, C)
+    if entry is None:
+        raise RuntimeError(check_supported(x))
+    cw = class_weight.to(acc).contiguous() if class_weight is not None else stats  # placeholder when absent
     write = grad is not None
     g = grad if write else x
-    rs = row_scale if row_scale is not None else x
-    p = torch.tensor([sc[k] for k in SCALARS], dtype=acc, device=x.device)
-    _el_row_kernel[(N,)](
-        x, target, cw, stats, g, rs, p, x.stride(0), g.stride(0) if write else 0,
+    rs = row_scale if row_scale is not None else stats
+    launch(
+        _el_row_kernel, (N,),
+        x, target, cw, stats, g, rs, x.stride(0), g.stride(0) if write else 0,
         row_scale.stride(0) if row_scale is not None and row_scale.dim() == 1 and row_scale.shape[0] > 1 else 0,
-        C, ignore_index,
+        C, ignore_index, *(f64_bits(sc[k]) for k in SCALARS),
         K=transform, MODE=mode, HAS_LE=has_le, LS=has_ls, HAS_W=class_weight is not None, WRITE_GRAD=write,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=_block(C, x.device),
-        num_warps=8 if x.device.type == "cuda" and C >= 8192 else 4,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=entry.block("BLOCK"),
+        num_warps=entry.num_warps, num_stages=entry.num_stages,
     )
 
 
 def forward(logits, target, class_weight, ignore_index, transform, params, compute_grad):
     """structloss_fast::softmax_loss_triton: (row_stats, grad_logits), the compiled op's contract."""
-    x = logits.contiguous()
+    x = rows_layout(logits)
     N, C = x.shape
     acc = _acc(x.dtype)
     stats = torch.empty((N, len(SoftmaxStat)), dtype=acc, device=x.device)
@@ -369,9 +387,9 @@ def forward(logits, target, class_weight, ignore_index, transform, params, compu
 
 def backward(logits, target, class_weight, row_stats, row_weights, ignore_index, transform, params):
     """structloss_fast::softmax_loss_backward_triton."""
-    x = logits.contiguous()
+    x = rows_layout(logits)
     acc = _acc(x.dtype)
-    grad = torch.empty_like(x)
+    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(x, target.contiguous(), class_weight, row_stats.to(acc).contiguous(), grad,
             row_weights.to(acc).contiguous(), ignore_index, transform, params, MODE_BACKWARD)
     return grad
@@ -380,12 +398,39 @@ def backward(logits, target, class_weight, row_stats, row_weights, ignore_index,
 # ---------------------------------------------------------------- fused linear
 
 
-def _mm_acc(a, b, acc):
-    """a @ b with float32 (float64) accumulation and output; fp16/bf16 operands stay in their
-    dtype on the GPU (tensor cores, float32 output), and are widened elsewhere."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        return torch.mm(a, b.to(a.dtype), out_dtype=torch.float32)
-    return torch.mm(a.to(acc), b.to(acc))
+# cuBLAS' fp16/bf16 products with a float32 result added in place (torch >= 2.8 on CUDA).
+_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def _tensor_cores(t: torch.Tensor) -> bool:
+    """fp16/bf16 operands on the GPU: the products keep their dtype (float32 results)."""
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
+
+
+def _mm_into(out, a, b, accumulate: bool):
+    """out (+)= a @ b in out's dtype (float32 or float64) without a temporary of out's size:
+    fp16/bf16 operands on the GPU go to the tensor cores as they are, others are widened."""
+    if _tensor_cores(a):
+        b = b.to(a.dtype)
+        if not accumulate:
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+        elif _ADDMM_OUT_DTYPE:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        else:
+            out += torch.mm(a, b, out_dtype=out.dtype)
+        return
+    a, b = a.to(out.dtype), b.to(out.dtype)
+    if accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+def chunk_rows(N: int, C: int, dtype, device: torch.device, row_chunk: int = 0) -> int:
+    """Rows per fused-linear chunk: the caller's, or LINEAR_CHUNK_BYTES of logits."""
+    per_row = max(C, 1) * torch.finfo(_acc(dtype)).bits // 8
+    rows = row_chunk if row_chunk > 0 else LINEAR_CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"] // per_row
+    return max(1, min(rows, N))
 
 
 def _linear_loop(input, weight, bias, target, class_weight, ignore_index, transform, params, grad_mask, row_chunk,
@@ -393,30 +438,39 @@ def _linear_loop(input, weight, bias, target, class_weight, ignore_index, transf
     N, H = input.shape
     C = weight.shape[0]
     acc = _acc(input.dtype)
-    rows = row_chunk if row_chunk > 0 else max(1, CHUNK_ELEMS // max(C, 1))
-    rows = max(1, min(rows, N))
+    dev = input.device
+    rows = chunk_rows(N, C, input.dtype, dev, row_chunk)
     want = any(grad_mask)
-    gx = torch.zeros((N if grad_mask[0] else 0, H), dtype=acc, device=input.device)
-    gw = torch.zeros((C if grad_mask[1] else 0, H), dtype=acc, device=input.device)
-    gb = torch.zeros((C if grad_mask[2] and bias is not None else 0,), dtype=acc, device=input.device)
+    gx = torch.zeros((N if grad_mask[0] else 0, H), dtype=acc, device=dev)
+    gw = torch.zeros((C if grad_mask[1] else 0, H), dtype=acc, device=dev)
+    gb = torch.zeros((C if grad_mask[2] and bias is not None else 0,), dtype=acc, device=dev)
+    if N == 0:
+        return gx.to(input.dtype), gw.to(input.dtype), gb.to(input.dtype)
     wt = weight.t()
+    bias_acc = bias.to(acc) if bias is not None else None
+    # One logits buffer for every chunk; the gradient goes to a buffer in the products' dtype
+    # (fp16/bf16 on the GPU), else over the logits.
+    logits_buf = torch.empty((rows, C), dtype=acc, device=dev)
+    grad_buf = torch.empty((rows, C), dtype=input.dtype, device=dev) if want and _tensor_cores(input) else logits_buf
     for r0 in range(0, N, rows):
         t = min(rows, N - r0)
         xc = input[r0:r0 + t]
-        logits = _mm_acc(xc, wt, acc)
-        if bias is not None:
-            logits += bias.to(acc)
+        logits = logits_buf[:t]
+        _mm_into(logits, xc, wt, accumulate=False)
+        if bias_acc is not None:
+            logits += bias_acc
         rs = row_scale if row_scale.shape[0] == 1 else row_scale[r0:r0 + t]
-        _launch(logits, target[r0:r0 + t], class_weight, stats[r0:r0 + t], logits if want else None, rs,
+        g = grad_buf[:t]
+        _launch(logits, target[r0:r0 + t], class_weight, stats[r0:r0 + t], g if want else None, rs,
                 ignore_index, transform, params, mode)
         if not want:
             continue
         if grad_mask[0]:
-            gx[r0:r0 + t] = _mm_acc(logits.to(input.dtype) if input.is_cuda else logits, weight, acc)
+            _mm_into(gx[r0:r0 + t], g, weight, accumulate=False)
         if grad_mask[1]:
-            gw += _mm_acc(logits.t().to(input.dtype) if input.is_cuda else logits.t(), xc, acc)
+            _mm_into(gw, g.t(), xc, accumulate=True)
         if grad_mask[2] and bias is not None:
-            gb += logits.sum(0)
+            gb += g.sum(0, dtype=acc)
     dt = input.dtype
     return gx.to(dt), gw.to(dt), gb.to(dt)
 
@@ -447,18 +501,26 @@ def linear_backward(input, weight, bias, target, class_weight, row_stats, row_we
 # ---------------------------------------------------------------- ahead-of-time compile check
 
 
-def aot_configs():
-    """(kernel, signature, constexprs, num_warps) of configurations that tests/test_triton_build.py
-    compiles for sm_90 without a GPU: the row kernel in each input dtype, both modes, with and
-    without label smoothing."""
+def aot_configs(full: bool = False):
+    """The specializations tests/test_triton_build.py compiles for sm_90: every GPU_TABLE entry
+    with the heaviest flags (ArcFace target, label smoothing, class weights, a log_end) in the
+    forward mode, in the entry's first dtype, plus the fused linear chunk's float32 logits with
+    a 16-bit gradient on the float32 entries; with full=True every dtype, transform and mode."""
     out = []
-    for acc, x_dtype, mode, ls in [("fp32", "bf16", MODE_FORWARD, True), ("fp32", "fp32", MODE_BACKWARD, True),
-                                   ("fp32", "fp16", MODE_FORWARD, False), ("fp64", "fp64", MODE_FORWARD, True)]:
-        sig = {"X": f"*{x_dtype}", "Y": "*i64", "CW": f"*{acc}", "STATS": f"*{acc}", "G": f"*{x_dtype}",
-               "RS": f"*{acc}", "P": f"*{acc}", "stride_x": "i64", "stride_g": "i64", "stride_rs": "i64",
-               "C": "i32", "ignore_index": "i64"}
-        consts = dict(K=int(SoftmaxTransform.ARC_FACE if ls else SoftmaxTransform.IDENTITY), MODE=mode, HAS_LE=True,
-                      LS=ls, HAS_W=True, WRITE_GRAD=True, ACC=tl.float64 if acc == "fp64" else tl.float32,
-                      BLOCK=1024)
-        out.append((_el_row_kernel, sig, consts, 8))
+    for entry in GPU_TABLE:
+        for dt in entry.dtypes if full else entry.dtypes[:1]:
+            acc = "fp64" if dt == "fp64" else "fp32"
+            grads = [dt] + (["bf16"] + (["fp16"] if full else []) if dt == "fp32" else [])
+            for g_dtype in grads:
+                sig = {"X": f"*{dt}", "Y": "*i64", "CW": f"*{acc}", "STATS": f"*{acc}", "G": f"*{g_dtype}",
+                       "RS": f"*{acc}", "stride_x": "i32", "stride_g": "i32", "stride_rs": "i32", "C": "i32",
+                       "ignore_index": "i32", **{f"{k}_b": "i64" for k in SCALARS}}
+                for transform in SoftmaxTransform if full else (SoftmaxTransform.ARC_FACE,):
+                    for mode in (MODE_FORWARD, MODE_BACKWARD) if full else (MODE_FORWARD,):
+                        consts = dict(K=int(transform), MODE=mode, HAS_LE=True, LS=True, HAS_W=True, WRITE_GRAD=True,
+                                      ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=entry.block("BLOCK"))
+                        label = (f"{entry.describe()} logits={dt} grad={g_dtype} "
+                                 f"transform={SoftmaxTransform(transform).name.lower()} mode={mode}")
+                        out.append(AotConfig(_el_row_kernel, sig, consts, entry.num_warps, entry.num_stages,
+                                             ("X", "Y", "CW", "STATS", "G", "RS", "stride_x", "stride_g", "C"), label))
     return out

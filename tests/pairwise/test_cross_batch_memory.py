@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import structloss_fast as slf
+from tests.helpers import LazyImport
 
-pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+pml_losses = LazyImport("pytorch_metric_learning.losses")
 
 PAIRS = [
     ("circle", lambda: slf.CircleLoss(), lambda: pml_losses.CircleLoss()),

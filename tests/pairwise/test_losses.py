@@ -13,11 +13,11 @@ import structloss_fast as slf
 from structloss_fast import _registry
 from structloss_fast.pairwise import _ops as ops
 from structloss_fast.pairwise import reference as ref
-from tests.helpers import (assert_close_to_truth, assert_tight, can_run, fast_backends, max_abs, numerical_grad,
-                           triton_device)
+from tests.helpers import (LazyImport, assert_close_to_truth, assert_tight, can_run, fast_backends, max_abs,
+                           numerical_grad, triton_device)
 
-pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
-pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+pml_losses = LazyImport("pytorch_metric_learning.losses")
+pml_miners = LazyImport("pytorch_metric_learning.miners")
 
 BACKENDS = fast_backends("pairwise_loss")
 BACKEND_IDS = [f"{b}-{d.type}" for b, d in BACKENDS]
@@ -743,14 +743,22 @@ def test_unavailable_backend_raises():
             slf.triplet_margin_loss(x.to(triton_device()), y.to(triton_device()), backend="triton")
 
 
-def test_triton_rejects_too_wide_embeddings():
+def test_triton_takes_any_embedding_size():
+    """The table tiles D: an embedding wider than any one tile (on a GPU 2049, past every entry's
+    tile; under the interpreter, whose tiles are 16 wide, 33) runs, and matches the reference.
+    (tests/test_triton_build.py checks that the GPU table covers every D.)"""
     if not can_run("triton", "pairwise_loss"):
         pytest.skip("triton unavailable")
     from structloss_fast.pairwise import _triton as tk
 
-    x = torch.randn(2, tk.MAX_D + 1, device=triton_device())
-    with pytest.raises(slf.BackendUnavailable, match="D <="):
-        slf.circle_loss(x, torch.zeros(2, dtype=torch.long, device=triton_device()), backend="triton")
+    x = torch.randn(5, 2049 if torch.cuda.is_available() else 33, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 1, 2])
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        assert tk.check_supported(x.to(triton_device(), dtype), ops.LOSSES["circle"]) is None
+    out, grads = run(LOSS_BY_NAME["circle"], "triton", triton_device(), x, y)
+    expected, expected_grads = run_reference(LOSS_BY_NAME["circle"], x, y)
+    assert_tight(out, expected, rtol=1e-9, what="loss")
+    assert_tight(grads[0], expected_grads[0], rtol=1e-9, what="grad")
 
 
 # ---------------------------------------------------------------- property-based

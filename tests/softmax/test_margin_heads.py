@@ -10,7 +10,7 @@ import torch
 
 import structloss_fast as slf
 from structloss_fast.softmax import reference as ref
-from tests.helpers import assert_close_to_truth, assert_tight, fast_backends
+from tests.helpers import LazyImport, assert_close_to_truth, assert_tight, fast_backends
 
 FUSED = fast_backends("linear_softmax_loss")
 UNFUSED = fast_backends("softmax_loss")
@@ -89,7 +89,7 @@ def test_heads_float32(backend, device, fused, kind):
         assert_close_to_truth(a, e, lo, floor=1e-6 * e.abs().max().item(), what="grad")
 
 
-pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+pml_losses = LazyImport("pytorch_metric_learning.losses")
 
 PML = {
     "normface": lambda C, D: pml_losses.NormalizedSoftmaxLoss(num_classes=C, embedding_size=D),
