@@ -81,6 +81,11 @@ def calibration_bins(probs: Tensor, labels: Tensor, n_bins: int = 20) -> dict:
     Confidence = max probability, prediction = its argmax (the first on ties)."""
     _check_probs(probs, labels, n_bins)
     p = probs.detach().to(torch.float64)
+    finite = torch.isfinite(p)
+    if not bool(finite.all()):  # (an evaluation helper: reading the flag back is fine here)
+        row = int((~finite).any(1).nonzero()[0, 0])
+        raise ValueError(f"probs must be finite to be binned by confidence, got {int((~finite).sum())} non-finite "
+                         f"value(s), first in row {row}: {p[row].tolist()[:8]}")
     conf, pred = p.max(1)
     correct = (pred == labels.to(p.device)).to(torch.float64)
     # bin m holds (m / M, (m + 1) / M]; a confidence of exactly 0 (impossible for probabilities
