@@ -30,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import structloss_fast as slf  # noqa: E402
+from structloss_fast._train import progress_bar  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CLAMP = (0.0, 1.0)
@@ -69,14 +70,12 @@ def source_model() -> nn.Sequential:
 
 def train_source(model, data, *, kind, norm, eps, args, seed):
     """Standard (kind "standard"), PGD adversarial ("pgd") or TRADES ("trades") training."""
-    from tqdm.auto import tqdm
-
     x, y = data
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     attack = dict(eps=eps, norm=norm, n_iter=args.train_iter, clamp=CLAMP, generator=g)
-    for _ in tqdm(range(args.source_epochs), desc=f"source {kind} {norm} {eps}", leave=False,
-                  disable=None if args.progress else True, mininterval=0.5, file=sys.stderr):
+    for _ in progress_bar(desc=f"source {kind} {norm} {eps}", enabled=args.progress,
+                          iterable=range(args.source_epochs)):
         model.train()
         perm = torch.randperm(x.shape[0], generator=g)
         for i in range(0, x.shape[0], args.batch_size):

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from structloss_fast import jem_eval  # noqa: E402
+from structloss_fast._train import progress_bar  # noqa: E402
+from structloss_fast.jem import evaluation as jem_eval  # noqa: E402
 from structloss_fast.jem import JEMDivergenceError, JEMTrainer  # noqa: E402
 from structloss_fast.jem.models import SmallCNN  # noqa: E402
 
@@ -66,9 +67,7 @@ def train_baseline(model, x, y, *, epochs, batch_size, lr, data_noise, seed, pro
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = x.shape[0]
     steps = epochs * (n // batch_size)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=steps, desc="CE baseline", leave=False, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(steps, "CE baseline", progress)
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
