@@ -312,6 +312,108 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, 
             tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _el_prob_row_kernel(X, T, CW, STATS, G, RS, P, stride_x, stride_t, stride_g, stride_rs, C,
+                        MODE: tl.constexpr, HAS_LE: tl.constexpr, HAS_W: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                        ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Class-probability targets T (rows x C, identity transform): the row loss sum_j c_j f_j with
+    c_j = w_j ((1 - ls) t_j + ls / C), the gradient p_j S - c_j h_j; the unique largest logit takes
+    its q from the other classes' sum (csrc/cpu/softmax.cpp's prob rows, line for line)."""
+    log_end = tl.load(P + P_LOG_END)
+    rho = tl.load(P + P_RHO)
+    ls = tl.load(P + P_LS)
+    eps = tl.load(P + P_EPS)
+    log_eps = tl.load(P + P_LOG_EPS)
+    log1m_le = tl.load(P + P_LOG1M_LE)
+    inv_1m_le = tl.load(P + P_INV_1M_LE)
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    t_row = T + row * stride_t
+    offs = tl.arange(0, BLOCK)
+    keep = 1.0 - ls
+    lsC = ls / C
+    st = STATS + row * NUM_STATS
+    if MODE == FORWARD:
+        mx = tl.full((), float("-inf"), ACC)
+        s_below = tl.zeros((), ACC)
+        n_m = tl.zeros((), tl.int32)
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + offs
+            ok = cols < C
+            z = tl.load(x_row + cols, mask=ok, other=float("-inf")).to(ACC)
+            bmax = tl.max(z, 0)
+            grow = bmax > mx
+            s_below = tl.where(grow, (s_below + n_m.to(ACC)) * tl.exp(mx - tl.where(grow, bmax, mx)), s_below)
+            n_m = tl.where(grow, 0, n_m)
+            mx = tl.where(grow, bmax, mx)
+            shift = tl.where(mx == float("-inf"), 0.0, mx)
+            at = (z == mx) & ok
+            s_below += tl.sum(tl.where(at | (~ok), 0.0, tl.exp(z - shift)), 0)
+            n_m += tl.sum(at.to(tl.int32), 0)
+        s_all = s_below + n_m.to(ACC)
+        log_s = tl.log(s_all)
+        has_hi = n_m == 1
+        a_acc = tl.zeros((BLOCK,), ACC)
+        f_acc = tl.zeros((BLOCK,), ACC)
+        c_acc = tl.zeros((BLOCK,), ACC)
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + offs
+            ok = cols < C
+            z = tl.load(x_row + cols, mask=ok, other=0.0).to(ACC)
+            t = tl.load(t_row + cols, mask=ok, other=0.0).to(ACC)
+            d = (z - mx) - log_s
+            b, h = _small_class_terms(tl.exp(d), log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE)
+            if HAS_W:
+                w = tl.load(CW + cols, mask=ok, other=0.0).to(ACC)
+            else:
+                w = tl.zeros_like(z) + 1.0
+            c = w * (keep * t + lsC)
+            hi = has_hi & (z == mx) & ok
+            small = ok & (~hi)
+            a_acc += tl.where(small, c * h, 0.0)
+            f_acc += tl.where(small, c * (rho * b - d), 0.0)
+            c_acc += tl.where(hi, c, 0.0)
+        sum_ch = tl.sum(a_acc, 0)
+        c_hi = tl.sum(c_acc, 0)
+        p_hi = 1.0 / s_all
+        q_hi = s_below / s_all
+        b_hi, h_hi, hq_hi = _bonus(p_hi, q_hi, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE)
+        S = sum_ch + tl.where(has_hi, c_hi * h_hi, 0.0)
+        g_hi = tl.where(has_hi, p_hi * sum_ch - c_hi * hq_hi, 0.0)
+        loss = tl.sum(f_acc, 0) + tl.where(has_hi, c_hi * (log_s + rho * b_hi), 0.0)
+        tl.store(st + ST_LSE, mx + log_s)
+        tl.store(st + ST_ROW_LOSS, loss)
+        tl.store(st + ST_S, S)
+        tl.store(st + ST_GRAD_Y, tl.zeros_like(S))
+        tl.store(st + ST_GRAD_HI, g_hi)
+        tl.store(st + ST_MAX_OTHER, mx)
+        tl.store(st + ST_COUNT_MAX, n_m.to(ACC))
+        tl.store(st + ST_MAX, mx)
+        tl.store(st + ST_LOG_SUM, log_s)
+    else:
+        S = tl.load(st + ST_S).to(ACC)
+        mx = tl.load(st + ST_MAX).to(ACC)
+        log_s = tl.load(st + ST_LOG_SUM).to(ACC)
+        g_hi = tl.load(st + ST_GRAD_HI).to(ACC)
+        has_hi = tl.load(st + ST_COUNT_MAX).to(tl.int32) == 1
+    if WRITE_GRAD:
+        sc = tl.load(RS + row * stride_rs).to(ACC)
+        g_row = G + row * stride_g
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + offs
+            ok = cols < C
+            z = tl.load(x_row + cols, mask=ok, other=0.0).to(ACC)
+            t = tl.load(t_row + cols, mask=ok, other=0.0).to(ACC)
+            p = tl.exp((z - mx) - log_s)
+            _, h = _small_class_terms(p, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE)
+            if HAS_W:
+                w = tl.load(CW + cols, mask=ok, other=0.0).to(ACC)
+            else:
+                w = tl.zeros_like(z) + 1.0
+            g = tl.where(has_hi & (z == mx), g_hi, p * S - w * (keep * t + lsC) * h)
+            tl.store(g_row + cols, (g * sc).to(G.dtype.element_ty), mask=ok)
+
+
 def _block(C: int, device: torch.device) -> int:
     cap = 4096 if device.type == "cuda" else 32  # interpreter: small blocks exercise the block loop
     return max(16, min(triton.next_power_of_2(max(C, 1)), cap))
@@ -343,6 +445,16 @@ def _launch(x, target, class_weight, stats, grad, row_scale, ignore_index, trans
     g = grad if write else x
     rs = row_scale if row_scale is not None else x
     p = torch.tensor([sc[k] for k in SCALARS], dtype=acc, device=x.device)
+    stride_rs = row_scale.stride(0) if row_scale is not None and row_scale.dim() == 1 and row_scale.shape[0] > 1 else 0
+    if target.dim() == 2:  # class probabilities (identity transform, checked by the caller)
+        t = target.to(x.dtype).contiguous()
+        _el_prob_row_kernel[(N,)](
+            x, t, cw, stats, g, rs, p, x.stride(0), t.stride(0), g.stride(0) if write else 0, stride_rs, C,
+            MODE=mode, HAS_LE=has_le, HAS_W=class_weight is not None, WRITE_GRAD=write,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=_block(C, x.device),
+            num_warps=8 if x.device.type == "cuda" and C >= 8192 else 4,
+        )
+        return
     _el_row_kernel[(N,)](
         x, target, cw, stats, g, rs, p, x.stride(0), g.stride(0) if write else 0,
         row_scale.stride(0) if row_scale is not None and row_scale.dim() == 1 and row_scale.shape[0] > 1 else 0,
@@ -451,7 +563,10 @@ def aot_configs():
     """(kernel, signature, constexprs, num_warps) of configurations that tests/test_triton_build.py
     compiles for sm_90 without a GPU: the row kernel in each input dtype, both modes, with and
     without label smoothing."""
-    out = []
+    out = [(_el_prob_row_kernel,
+            {"X": "*bf16", "T": "*bf16", "CW": "*fp32", "STATS": "*fp32", "G": "*bf16", "RS": "*fp32", "P": "*fp32",
+             "stride_x": "i64", "stride_t": "i64", "stride_g": "i64", "stride_rs": "i64", "C": "i32"},
+            dict(MODE=MODE_FORWARD, HAS_LE=True, HAS_W=True, WRITE_GRAD=True, ACC=tl.float32, BLOCK=1024), 8)]
     for acc, x_dtype, mode, ls in [("fp32", "bf16", MODE_FORWARD, True), ("fp32", "fp32", MODE_BACKWARD, True),
                                    ("fp32", "fp16", MODE_FORWARD, False), ("fp64", "fp64", MODE_FORWARD, True)]:
         sig = {"X": f"*{x_dtype}", "Y": "*i64", "CW": f"*{acc}", "STATS": f"*{acc}", "G": f"*{x_dtype}",
