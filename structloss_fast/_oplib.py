@@ -77,7 +77,8 @@ def no_second_derivative(what: str, *grads):
         f"structloss_fast: {what} has no second derivative: its gradient (asked for with create_graph=True) "
         "has no derivative of its own".encode(), len(tensors))
     # The error node needs an input that requires grad to get into the graph.
-    wrapped = iter(err(*[g.detach().requires_grad_() for g in tensors]))
+    out = err(*[g.detach().requires_grad_() for g in tensors])
+    wrapped = iter(out if isinstance(out, tuple) else (out,))
     return tuple(next(wrapped) if isinstance(g, torch.Tensor) else g for g in grads)
 
 

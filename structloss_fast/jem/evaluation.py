@@ -298,12 +298,14 @@ def _pgd(model, x, y, norm, eps, n_iter, step_size, random_start, clamp, generat
     if x_init is not None:
         x_adv = project(x_init.detach().to(x.device, x.dtype))
     elif random_start and (isinstance(eps, Tensor) or eps > 0):
+        # (uniform_ / normal_ on new tensors draw what torch.rand / torch.randn draw, and also take
+        # the symbolic shapes of torch.compile(dynamic=True))
         if norm == "linf":
-            start = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+            start = (torch.empty_like(x).uniform_(generator=generator) * 2 - 1) * eps
         else:
-            d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            d = torch.empty_like(x).normal_(generator=generator)
             d = d / _per_sample_norm(d).clamp_min(1e-12)
-            r = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+            r = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).uniform_(generator=generator)
             start = d * r.pow(1.0 / x[0].numel()) * eps
         x_adv = project(x + start)
     else:
