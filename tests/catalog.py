@@ -4,6 +4,7 @@ backend with a reduction, and what its higher-order gradients are. The cross-cut
 public loss is added here once and is then checked by all of them."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable, Optional
 
@@ -179,18 +180,21 @@ def _seal():
     return Case("sampled_nce_loss", build, call, op="seal_nce_loss", second_order="raises")
 
 
-_ENERGY = {}
+def _energy_nets():
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        net = slf.EnergyNet(6, 5, hidden=8, global_hidden=6, dropout=0.0).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return {dt: copy.deepcopy(net).to(dt) for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+# A small fixed EnergyNet per dtype (parameters frozen: the cases differentiate in x), built
+# once here rather than inside a compiled region.
+_ENERGY = _energy_nets()
 
 
 def energy_net(dtype):
-    """A small fixed EnergyNet (parameters frozen: the cases differentiate in x)."""
-    if dtype not in _ENERGY:
-        with torch.random.fork_rng():
-            torch.manual_seed(3)
-            net = slf.EnergyNet(6, 5, hidden=8, global_hidden=6, dropout=0.0).eval()
-        for p in net.parameters():
-            p.requires_grad_(False)
-        _ENERGY[dtype] = net.to(dtype)
     return _ENERGY[dtype]
 
 
