@@ -106,6 +106,7 @@ def layer_imitation_loss(
     chosen = _registry.resolve(_ops.OP, backend, student[0].device)
     dtype = _oplib.loss_dtype(student[0])  # float32 under autocast, as F.mse_loss
     if chosen == "reference":
+        student, teacher = list(_oplib.loss_inputs(*student)), list(_oplib.loss_inputs(*teacher))
         with _oplib.autocast_off(student[0].device):
             return _ref.layer_imitation_loss(student, teacher, weights, reductions, per_layer).to(dtype)
     scales = [w / _ref.divisor(s, r) for s, w, r in zip(student, weights, reductions)]

@@ -91,8 +91,10 @@ def _run(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, re
     chosen = _ops.resolve(backend, embeddings, loss_id)
     dtype = _oplib.loss_dtype(embeddings)
     if chosen == "reference":
-        return reference_fn(embeddings, labels, *params, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-                            reduction=reduction, ref_self_index=ref_self_index).to(dtype)
+        emb, ref_emb = _oplib.loss_inputs(embeddings, ref_embeddings)  # (float32 under autocast)
+        with _oplib.autocast_off(embeddings.device):
+            return reference_fn(emb, labels, *params, ref_embeddings=ref_emb, ref_labels=ref_labels,
+                                reduction=reduction, ref_self_index=ref_self_index).to(dtype)
     x, lab, ref, ref_lab, self_offset, ref_is_x = prepare(embeddings, labels, ref_embeddings, ref_labels,
                                                           ref_self_index, chosen)
     grad_mode = PairGradMode.NONE

@@ -145,7 +145,9 @@ def encouraging_loss(
                   reduction=reduction, label_smoothing=label_smoothing, eps=eps)
     dtype = _oplib.loss_dtype(input)
     if chosen == "reference":
-        return _ref.encouraging_loss(input, target, **kwargs).to(dtype)
+        input, target, kwargs["weight"] = _oplib.loss_inputs(input, target, weight)  # (float32 under autocast)
+        with _oplib.autocast_off(input.device):
+            return _ref.encouraging_loss(input, target, **kwargs).to(dtype)
     if C == 0:
         raise ValueError(f"input must have at least one class, got shape {tuple(input.shape)}")
     params = _ops.make_params(log_end, bonus_weight, label_smoothing, eps)
@@ -260,9 +262,16 @@ def linear_encouraging_loss(
     x = input.reshape(-1, H)
     tgt = target.reshape(-1)
     if chosen == "reference":
+        # The op's rules: the promoted dtype, or under autocast the operands in the autocast
+        # dtype and the products and loss in float32.
         dtype = _oplib.loss_dtype(input, linear_weight, linear_bias)
-        out = _ref.linear_encouraging_loss(x.to(dtype), linear_weight.to(dtype), tgt,
-                                           None if linear_bias is None else linear_bias.to(dtype), **kwargs)
+        operands = (x, linear_weight, linear_bias)
+        if _oplib.autocast_enabled(x.device):
+            operands = _oplib.cast_floats(operands, torch.get_autocast_dtype(x.device.type))
+        x_, w_, b_ = _oplib.cast_floats(operands, dtype)
+        kwargs["weight"], = _oplib.loss_inputs(weight)
+        with _oplib.autocast_off(x.device):
+            out = _ref.linear_encouraging_loss(x_, w_, tgt, b_, **kwargs)
     else:
         if C == 0:
             raise ValueError("linear_weight must have at least one class (row)")

@@ -63,9 +63,11 @@ def _margin_loss(kind, embeddings, proxies, labels, t0, t1, *, weight, log_end, 
     compute = torch.promote_types(embeddings.dtype, proxies.dtype)
     embeddings, proxies = embeddings.to(compute), proxies.to(compute)
     if chosen == "reference":
-        return _ref.margin_loss(kind, embeddings, proxies, labels, t0, t1, log_end=log_end, bonus_weight=bonus_weight,
-                                weight=weight, ignore_index=ignore_index, reduction=reduction,
-                                label_smoothing=label_smoothing, eps=eps).to(dtype)
+        embeddings, proxies, weight = _oplib.loss_inputs(embeddings, proxies, weight)  # (float32 under autocast)
+        with _oplib.autocast_off(embeddings.device):
+            return _ref.margin_loss(kind, embeddings, proxies, labels, t0, t1, log_end=log_end,
+                                    bonus_weight=bonus_weight, weight=weight, ignore_index=ignore_index,
+                                    reduction=reduction, label_smoothing=label_smoothing, eps=eps).to(dtype)
     params = _ops.make_params(log_end, bonus_weight, label_smoothing, eps, t0, t1)
     transform = _ops.TRANSFORMS[kind]
     labels64 = labels.to(torch.int64)
