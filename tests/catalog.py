@@ -210,6 +210,7 @@ def _seal_energy(kind):
 
     def call(backend, reduction, x, probs, labels, samples):
         net = energy_net(x.dtype)
+        probs, labels, samples = probs.to(x.dtype), labels.to(x.dtype), samples.to(x.dtype)
         if kind == "nce_ranking_loss":
             return slf.nce_ranking_loss(net, x, probs, labels, samples=samples, reduction=reduction, backend=backend)
         if kind == "regression_loss":

@@ -7,6 +7,7 @@ where an input gradient is needed) and return tensors or Python floats.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -306,7 +307,7 @@ def _pgd(model, x, y, norm, eps, n_iter, step_size, random_start, clamp, generat
             d = torch.empty_like(x).normal_(generator=generator)
             d = d / _per_sample_norm(d).clamp_min(1e-12)
             r = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).uniform_(generator=generator)
-            start = d * r.pow(1.0 / x[0].numel()) * eps
+            start = d * r.pow(1.0 / max(math.prod(x.shape[1:]), 1)) * eps  # (x[0] fails on an empty batch)
         x_adv = project(x + start)
     else:
         x_adv = x.clone()

@@ -51,12 +51,13 @@ def prepare(embeddings, labels, ref_embeddings, ref_labels, ref_self_index, back
     """Normalized operands for the ops: (x, labels64, ref, ref_labels64, self_offset, ref_is_x)."""
     low_precision = embeddings.dtype in (torch.float16, torch.bfloat16)
     compute_dtype = torch.float32 if low_precision else embeddings.dtype
-    x = F.normalize(embeddings.to(compute_dtype), p=2, dim=1, eps=1e-12)
+    # Contiguous: the Triton kernels read the rows with unit stride (transposed or sliced inputs).
+    x = F.normalize(embeddings.to(compute_dtype), p=2, dim=1, eps=1e-12).contiguous()
     labels64 = labels.to(torch.int64).contiguous()
     if ref_embeddings is None:
         ref, ref_lab64, self_offset, ref_is_x = x, labels64, 0, True
     else:
-        ref = F.normalize(ref_embeddings.to(compute_dtype), p=2, dim=1, eps=1e-12)
+        ref = F.normalize(ref_embeddings.to(compute_dtype), p=2, dim=1, eps=1e-12).contiguous()
         ref_lab64 = ref_labels.to(torch.int64).contiguous()
         self_offset = -1 if ref_self_index is None else int(ref_self_index)
         ref_is_x = False

@@ -447,7 +447,7 @@ def regression_loss(energy: EnergyNet, x: Tensor, probs: Tensor, labels: Tensor,
     """DVN-style regression loss of the loss-net: BCEWithLogits(s(x, p), soft-F1(p, y*)).
     Pass probs detached to train only the energy (SEAL's loss-net update)."""
     _check_energy_inputs(energy, x, "probs", probs, labels)
-    score, probs, labels = _oplib.loss_inputs(energy.score(x, probs), probs, labels)
+    score, probs, labels = _oplib.loss_inputs(energy.score(x, probs.to(x.dtype)), probs, labels)
     with _oplib.autocast_off(x.device):
         return _ref.regression_loss(score, probs, labels, reduction=_reduction(reduction))
 
@@ -473,8 +473,10 @@ def margin_loss(energy: EnergyNet, x: Tensor, labels: Tensor, cost_augmented: Te
         _check_values("prediction", prediction)
     dfn = _ref.manhattan_delta if delta == "manhattan" else _ref.soft_f1_delta
     f = energy.features(x)
-    y_star = labels.to(cost_augmented.dtype)
-    ys = [y_star, cost_augmented] + ([prediction] if prediction is not None else [])
+    # Labels and relaxed label vectors are scored in the features' dtype (any floating dtype is taken).
+    cost_augmented = cost_augmented.to(f.dtype)
+    y_star = labels.to(f.dtype)
+    ys = [y_star, cost_augmented] + ([prediction.to(f.dtype)] if prediction is not None else [])
     scores = energy.score_from_features(f, torch.stack(ys, dim=1))  # one pass of T for all three
     scores, cost_augmented, y_star = _oplib.loss_inputs(scores, cost_augmented, y_star)
     s_pred = scores[:, 2] if prediction is not None else None
@@ -499,7 +501,7 @@ def seal_task_loss(energy: EnergyNet, x: Tensor, logits: Tensor, labels: Tensor,
     weight = _validate.number("weight", weight, lo=0.0)
     if variant not in ("score", "regression"):
         raise ValueError(f"variant must be 'score' or 'regression', got {variant!r}")
-    s, logits, labels = _oplib.loss_inputs(energy.score(x, torch.sigmoid(logits)), logits, labels)
+    s, logits, labels = _oplib.loss_inputs(energy.score(x, torch.sigmoid(logits).to(x.dtype)), logits, labels)
     with _oplib.autocast_off(x.device):
         return _ref.task_loss(logits, labels, s, weight=weight, variant=variant, reduction=_reduction(reduction))
 
