@@ -4,7 +4,7 @@ training (Madry et al.) at an epsilon sweep in L2 and L-inf, and TRADES; each tr
 digits 5-9 with few labels, fixed-feature (only a new last layer trained on the frozen
 features) and full-network (everything fine-tuned). 3 seeds; a table of mean +- std and a plot.
 
-    python examples/adversarial_transfer_digits.py            # defaults: 3 seeds, a few minutes on 2 CPU cores
+    python examples/adversarial_transfer_digits.py            # defaults: 3 seeds, 43 s on the 2-core machine (docs/adversarial.md)
     python examples/adversarial_transfer_digits.py --quick    # a smoke run (seconds)
 
 Pixels are scaled to [0, 1] (the attacks stay in that box); an 8x8 digit has an L2 norm of

@@ -4,7 +4,7 @@ thin network trained by WideThenNarrow (a 128-wide MLP of the same depth trained
 layer-wise imitation of all its prefixes, then the adapters merged and the thin network
 fine-tuned). 3 seeds; a table of mean +- std and a plot.
 
-    python examples/imitation_digits.py              # defaults: 3 seeds, about 1-2 minutes on 2 CPU cores
+    python examples/imitation_digits.py              # defaults: 3 seeds, 38 s on the 2-core machine (docs/imitation.md)
     python examples/imitation_digits.py --quick      # a smoke run (seconds)
     python examples/imitation_digits.py --schedule progressive
 

@@ -3,7 +3,7 @@ same small CNN: accuracy, calibration (ECE, 20 bins, reliability diagrams), OOD 
 (AUROC of the three scores against noise and shifted digits), PGD robust accuracy (L-inf and L2,
 40 iterations, with and without SGLD refinement), and a grid of SGLD samples.
 
-    python examples/jem_digits.py                # defaults: 3 seeds, under 10 minutes on 2 CPU cores
+    python examples/jem_digits.py                # defaults: 3 seeds, about 5 min on the 2-core machine (docs/jem.md)
     python examples/jem_digits.py --seeds 0 --epochs 10
     python examples/jem_digits.py --quick        # a smoke run (seconds)
 

@@ -1,7 +1,7 @@
 """SEAL on SPEN's synthetic block task: a BCE-only task-net, SEAL-static NCE, SEAL-dynamic NCE and
 SPEN (SSVM training, gradient-based inference at test time), over several seeds.
 
-    python examples/seal_block_task.py              # 3 seeds, about 5 minutes on 2 CPU cores
+    python examples/seal_block_task.py              # 3 seeds, 203-264 s on the 2-core machine (docs/seal.md)
     python examples/seal_block_task.py --quick      # a smoke test (seconds)
 
 The block task (structloss_fast.seal.data.make_block_task): 64-d Gaussian inputs, a random linear
