@@ -6,7 +6,8 @@ structloss_fast and report Recall@1 on held-out digits.
 The digits (8x8 images, 10 classes) are split into train and held-out test images; each loss
 trains the same MLP (64 -> 128 -> 32, L2-normalized embeddings) from the same initialization.
 Recall@1: the fraction of held-out images whose nearest other held-out image (cosine similarity)
-has the same label. Runs in well under a minute on a 2-core CPU.
+has the same label. About 1.5 minutes on the 2-core machine (91 s measured with other jobs
+sharing it; 4-20 s per loss).
 """
 from __future__ import annotations
 
