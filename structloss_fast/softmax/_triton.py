@@ -149,18 +149,50 @@ def _small_class_terms(p, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_L
 
 
 @triton.jit
+def _online_max_sumexp(z, valid, m, s_below, n, ACC: tl.constexpr):
+    """One block of the online max / sum-exp: z (-inf where not valid) merged into the running
+    max m, the sum of exp(z - m) below it, and the count n of entries at it (kept apart so that
+    the largest class's 1 - p is formed from the others' sum)."""
+    bmax = tl.max(z, 0)
+    grow = bmax > m
+    s_below = tl.where(grow, (s_below + n.to(ACC)) * tl.exp(m - tl.where(grow, bmax, m)), s_below)
+    n = tl.where(grow, 0, n)
+    m = tl.where(grow, bmax, m)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    at = (z == m) & valid
+    s_below += tl.sum(tl.where(at, 0.0, tl.exp(z - shift)), 0)
+    n += tl.sum(at.to(tl.int32), 0)
+    return m, s_below, n
+
+
+@triton.jit
+def _el_scalars(P):
+    """The Encouraging Loss's scalars from the P tensor (see _scalars)."""
+    return (tl.load(P + P_LOG_END), tl.load(P + P_RHO), tl.load(P + P_LS), tl.load(P + P_EPS), tl.load(P + P_LOG_EPS),
+            tl.load(P + P_LOG1M_LE), tl.load(P + P_INV_1M_LE))
+
+
+@triton.jit
+def _store_stats(st, L, loss, S, g_y, g_hi, m_o, n_o, mx, log_s, ACC: tl.constexpr):
+    """One row's SoftmaxStat columns."""
+    tl.store(st + ST_LSE, L)
+    tl.store(st + ST_ROW_LOSS, loss)
+    tl.store(st + ST_S, S)
+    tl.store(st + ST_GRAD_Y, g_y)
+    tl.store(st + ST_GRAD_HI, g_hi)
+    tl.store(st + ST_MAX_OTHER, m_o)
+    tl.store(st + ST_COUNT_MAX, n_o.to(ACC))
+    tl.store(st + ST_MAX, mx)
+    tl.store(st + ST_LOG_SUM, log_s)
+
+
+@triton.jit
 def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, ignore_index,
                    K: tl.constexpr, MODE: tl.constexpr, HAS_LE: tl.constexpr, LS: tl.constexpr,
                    HAS_W: tl.constexpr, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     # Scalar parameters come from a tensor in the accumulation dtype: Python floats would be
     # passed as float32, which is not exact enough for the float64 path.
-    log_end = tl.load(P + P_LOG_END)
-    rho = tl.load(P + P_RHO)
-    ls = tl.load(P + P_LS)
-    eps = tl.load(P + P_EPS)
-    log_eps = tl.load(P + P_LOG_EPS)
-    log1m_le = tl.load(P + P_LOG1M_LE)
-    inv_1m_le = tl.load(P + P_INV_1M_LE)
+    log_end, rho, ls, eps, log_eps, log1m_le, inv_1m_le = _el_scalars(P)
     t0 = tl.load(P + P_T0)
     t1 = tl.load(P + P_T1)
     cos_m = tl.load(P + P_COS_M)
@@ -192,16 +224,7 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, 
             valid = ok & (cols != y)
             r = tl.load(x_row + cols, mask=ok, other=0.0).to(ACC)
             z = tl.where(valid, _other(r, K, t0, t1), float("-inf"))
-            bmax = tl.max(z, 0)
-            grow = bmax > m_o
-            s_below = tl.where(grow, (s_below + n_o.to(ACC)) * tl.exp(m_o - tl.where(grow, bmax, m_o)), s_below)
-            n_o = tl.where(grow, 0, n_o)
-            m_o = tl.where(grow, bmax, m_o)
-            shift = tl.where(m_o == float("-inf"), 0.0, m_o)
-            at = (z == m_o) & valid
-            e = tl.exp(z - shift)
-            s_below += tl.sum(tl.where(at, 0.0, e), 0)
-            n_o += tl.sum(at.to(tl.int32), 0)
+            m_o, s_below, n_o = _online_max_sumexp(z, valid, m_o, s_below, n_o, ACC)
         # ---- merge the target, L, p and q without cancellation
         z_y = _target(raw_y, K, t0, t1, cos_m, sin_m, arc_th, arc_mm)
         mx = tl.where(z_y > m_o, z_y, m_o)
@@ -268,15 +291,7 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, P, stride_x, stride_g, stride_rs, C, 
         n_o = tl.where(ignored, 0, n_o)
         mx = tl.where(ignored, zero, mx)
         log_s = tl.where(ignored, zero, log_s)
-        tl.store(st + ST_LSE, L)
-        tl.store(st + ST_ROW_LOSS, loss)
-        tl.store(st + ST_S, S)
-        tl.store(st + ST_GRAD_Y, g_y)
-        tl.store(st + ST_GRAD_HI, g_hi)
-        tl.store(st + ST_MAX_OTHER, m_o)
-        tl.store(st + ST_COUNT_MAX, n_o.to(ACC))
-        tl.store(st + ST_MAX, mx)
-        tl.store(st + ST_LOG_SUM, log_s)
+        _store_stats(st, L, loss, S, g_y, g_hi, m_o, n_o, mx, log_s, ACC)
     else:
         S = tl.load(st + ST_S).to(ACC)
         mx = tl.load(st + ST_MAX).to(ACC)
@@ -319,13 +334,7 @@ def _el_prob_row_kernel(X, T, CW, STATS, G, RS, P, stride_x, stride_t, stride_g,
     """Class-probability targets T (rows x C, identity transform): the row loss sum_j c_j f_j with
     c_j = w_j ((1 - ls) t_j + ls / C), the gradient p_j S - c_j h_j; the unique largest logit takes
     its q from the other classes' sum (csrc/cpu/softmax.cpp's prob rows, line for line)."""
-    log_end = tl.load(P + P_LOG_END)
-    rho = tl.load(P + P_RHO)
-    ls = tl.load(P + P_LS)
-    eps = tl.load(P + P_EPS)
-    log_eps = tl.load(P + P_LOG_EPS)
-    log1m_le = tl.load(P + P_LOG1M_LE)
-    inv_1m_le = tl.load(P + P_INV_1M_LE)
+    log_end, rho, ls, eps, log_eps, log1m_le, inv_1m_le = _el_scalars(P)
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     t_row = T + row * stride_t
@@ -341,15 +350,7 @@ def _el_prob_row_kernel(X, T, CW, STATS, G, RS, P, stride_x, stride_t, stride_g,
             cols = c0 + offs
             ok = cols < C
             z = tl.load(x_row + cols, mask=ok, other=float("-inf")).to(ACC)
-            bmax = tl.max(z, 0)
-            grow = bmax > mx
-            s_below = tl.where(grow, (s_below + n_m.to(ACC)) * tl.exp(mx - tl.where(grow, bmax, mx)), s_below)
-            n_m = tl.where(grow, 0, n_m)
-            mx = tl.where(grow, bmax, mx)
-            shift = tl.where(mx == float("-inf"), 0.0, mx)
-            at = (z == mx) & ok
-            s_below += tl.sum(tl.where(at | (~ok), 0.0, tl.exp(z - shift)), 0)
-            n_m += tl.sum(at.to(tl.int32), 0)
+            mx, s_below, n_m = _online_max_sumexp(z, ok, mx, s_below, n_m, ACC)
         s_all = s_below + n_m.to(ACC)
         log_s = tl.log(s_all)
         has_hi = n_m == 1
@@ -381,15 +382,7 @@ def _el_prob_row_kernel(X, T, CW, STATS, G, RS, P, stride_x, stride_t, stride_g,
         S = sum_ch + tl.where(has_hi, c_hi * h_hi, 0.0)
         g_hi = tl.where(has_hi, p_hi * sum_ch - c_hi * hq_hi, 0.0)
         loss = tl.sum(f_acc, 0) + tl.where(has_hi, c_hi * (log_s + rho * b_hi), 0.0)
-        tl.store(st + ST_LSE, mx + log_s)
-        tl.store(st + ST_ROW_LOSS, loss)
-        tl.store(st + ST_S, S)
-        tl.store(st + ST_GRAD_Y, tl.zeros_like(S))
-        tl.store(st + ST_GRAD_HI, g_hi)
-        tl.store(st + ST_MAX_OTHER, mx)
-        tl.store(st + ST_COUNT_MAX, n_m.to(ACC))
-        tl.store(st + ST_MAX, mx)
-        tl.store(st + ST_LOG_SUM, log_s)
+        _store_stats(st, mx + log_s, loss, S, tl.zeros_like(S), g_hi, mx, n_m, mx, log_s, ACC)
     else:
         S = tl.load(st + ST_S).to(ACC)
         mx = tl.load(st + ST_MAX).to(ACC)
