@@ -9,7 +9,7 @@ keep contributing -- until 1 - p_y falls below the authors' eps clamp (1e-5), wh
 is constant and the gradient is 1 - p_y again. On digits many training examples get there,
 so the mean stays well above CE's without staying at 1.
 
-    python examples/softmax_digits_el.py            # 20 epochs x 4 losses, about 10 s on the 2-core machine
+    python examples/softmax_digits_el.py            # 20 epochs x 4 losses, about 6 s on the 2-core machine
     python examples/softmax_digits_el.py --epochs 5
 """
 from __future__ import annotations

@@ -95,6 +95,9 @@ class _NullBar:
     def set_postfix(self, *args, **kwargs):
         pass
 
+    def set_postfix_str(self, s="", refresh=True):
+        pass
+
     def set_description(self, desc, refresh=True):
         pass
 
@@ -144,6 +147,9 @@ class LineBar(_NullBar):
     def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
         items = dict(ordered_dict or {}, **kwargs)
         self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
+
+    def set_postfix_str(self, s="", refresh=True):
+        self.postfix = s
 
     def set_description(self, desc, refresh=True):
         self.desc = desc

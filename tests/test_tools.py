@@ -135,3 +135,15 @@ def test_loss_terms_is_exported_and_documented():
     assert "structloss_fast.loss_terms" in (ROOT / "docs" / "pairwise.md").read_text()
     terms, stats = slf.loss_terms("circle", (0.4, 80.0), torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
     assert terms.shape == (6, 1) and stats.shape[0] == 6
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_progress_bar_has_the_tqdm_methods_the_package_and_examples_call(enabled):
+    out = io.StringIO()
+    bar = _train.progress_bar(4, "x", enabled, file=out, interval=0.0)
+    bar.set_description("y")
+    bar.set_postfix(a=1)
+    bar.set_postfix_str("epoch 1")
+    bar.update(2)
+    bar.close()
+    assert ("y: 2/4 (50%)" in out.getvalue() and "epoch 1" in out.getvalue()) == enabled
