@@ -28,7 +28,6 @@ class Case:
     # "raises": the fast backends raise an error naming `name` (the reference is exact).
     second_order: str = "exact"
     smooth: bool = True                 # gradgradcheck applies (no detached terms, no kinks at random points)
-    min_rows: int = 1                   # the fewest rows the loss takes
 
     def __repr__(self):
         return self.name
