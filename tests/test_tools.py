@@ -118,9 +118,10 @@ def test_plot_writes_one_labelled_chart_per_case(tmp_path):
         plt.Figure.savefig = original
     axes = saved["fig"].axes
     assert len(axes) == 2  # one case: time and memory
+    assert axes[0].get_legend() is None  # one legend per case, beside the memory panel
+    assert [t.get_text() for t in axes[1].get_legend().get_texts()] == ["ours", "peer"]
     for ax in axes:
         assert ax.get_yscale() == "linear"
-        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ours", "peer"]
         labels = [t.get_text() for t in ax.texts]
         assert len(labels) == 4 and all(labels)
     assert "1.0 ms" in [t.get_text() for t in axes[0].texts]

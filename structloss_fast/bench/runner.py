@@ -209,7 +209,7 @@ def plot(rows: list[dict], cases: dict[str, Case], path: str, title: str) -> boo
     except Exception:
         return False
     keys = list(dict.fromkeys(r["case"] for r in rows))
-    fig, axes = plt.subplots(len(keys), 2, figsize=(13, 3.6 * len(keys)), squeeze=False)
+    fig, axes = plt.subplots(len(keys), 2, figsize=(14, 3.6 * len(keys)), squeeze=False)
     panels = (("time_s", fmt_time, "time / slowest at this size"),
               ("peak_mem_bytes", fmt_mem, "peak extra memory / largest at this size"))
     for i, key in enumerate(keys):
@@ -232,10 +232,11 @@ def plot(rows: list[dict], cases: dict[str, Case], path: str, title: str) -> boo
             ax.set_ylim(0, 1.45)  # room for the rotated labels
             ax.set_ylabel(ylabel, fontsize=8)
             ax.set_title(key, fontsize=9)
-            if providers:
-                ax.legend(fontsize=7, loc="upper right")
-            else:
+            if not providers:
                 ax.text(0.5, 0.5, "no result", ha="center", va="center", transform=ax.transAxes)
+        if any(ax.get_legend_handles_labels()[0] for ax in axes[i]):
+            # One legend per case, beside its two panels, clear of the bars and their labels.
+            axes[i][1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
