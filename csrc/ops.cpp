@@ -31,7 +31,9 @@ TORCH_LIBRARY(structloss_fast, m) {
   // ---- softmax family (structloss_fast/softmax/_ops.py) ----
   // Encouraging Loss (cross-entropy at bonus_weight = 0) of each row of logits (N, C), or of
   // margin-head cosines with a logit transform. transform: SoftmaxTransform; params: SoftmaxParam
-  // order (ids.h). row_stats (N, kNumSoftmaxStats): SoftmaxStat columns, the row loss among them.
+  // order (ids.h). target: (N,) int64 class indices, or (N, C) class probabilities (identity
+  // transform only; row loss sum_j w_j ((1 - ls) t_j + ls / C) f_j, ignore_index unused).
+  // row_stats (N, kNumSoftmaxStats): SoftmaxStat columns, the row loss among them.
   // With compute_grad, grad_logits (N, C) holds each row's own gradient dl_i/dlogits_i, written
   // during the forward; otherwise it is (0, C).
   m.def(

@@ -4,7 +4,7 @@ thin network trained by WideThenNarrow (a 128-wide MLP of the same depth trained
 layer-wise imitation of all its prefixes, then the adapters merged and the thin network
 fine-tuned). 3 seeds; a table of mean +- std and a plot.
 
-    python examples/imitation_digits.py              # defaults: 3 seeds, about 1-2 minutes on 2 CPU cores
+    python examples/imitation_digits.py              # defaults: 3 seeds, 38 s on the 2-core machine (docs/imitation.md)
     python examples/imitation_digits.py --quick      # a smoke run (seconds)
     python examples/imitation_digits.py --schedule progressive
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import structloss_fast as slf  # noqa: E402
+from structloss_fast._train import progress_bar  # noqa: E402
 
 import _digits  # noqa: E402  (examples/_digits.py)
 
@@ -66,13 +67,10 @@ def evaluate(model, x, y):
 
 def train_scratch(model, x, y, x_test, y_test, *, epochs, lr, batch_size, seed, progress):
     """Plain cross-entropy training with Adam; the test accuracy after every epoch."""
-    from tqdm.auto import tqdm
-
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     curve = []
-    for _ in tqdm(range(epochs), desc="scratch", leave=False, disable=None if progress else True, mininterval=0.5,
-                  file=sys.stderr):
+    for _ in progress_bar(desc="scratch", enabled=progress, iterable=range(epochs)):
         model.train()
         perm = torch.randperm(x.shape[0], generator=g)
         for i in range(0, x.shape[0], batch_size):

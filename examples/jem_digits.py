@@ -3,7 +3,7 @@ same small CNN: accuracy, calibration (ECE, 20 bins, reliability diagrams), OOD 
 (AUROC of the three scores against noise and shifted digits), PGD robust accuracy (L-inf and L2,
 40 iterations, with and without SGLD refinement), and a grid of SGLD samples.
 
-    python examples/jem_digits.py                # defaults: 3 seeds, under 10 minutes on 2 CPU cores
+    python examples/jem_digits.py                # defaults: 3 seeds, about 5 min on the 2-core machine (docs/jem.md)
     python examples/jem_digits.py --seeds 0 --epochs 10
     python examples/jem_digits.py --quick        # a smoke run (seconds)
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from structloss_fast._train import progress_bar  # noqa: E402
 from structloss_fast.jem import evaluation as jem_eval  # noqa: E402
 from structloss_fast.jem import JEMDivergenceError, JEMTrainer  # noqa: E402
 from structloss_fast.jem.models import SmallCNN  # noqa: E402
@@ -56,9 +57,7 @@ def train_baseline(model, x, y, *, epochs, batch_size, lr, data_noise, seed, pro
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = x.shape[0]
     steps = epochs * (n // batch_size)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=steps, desc="CE baseline", leave=False, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(steps, "CE baseline", progress)
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)

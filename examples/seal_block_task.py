@@ -1,7 +1,7 @@
 """SEAL on SPEN's synthetic block task: a BCE-only task-net, SEAL-static NCE, SEAL-dynamic NCE and
 SPEN (SSVM training, gradient-based inference at test time), over several seeds.
 
-    python examples/seal_block_task.py              # 3 seeds, about 5 minutes on 2 CPU cores
+    python examples/seal_block_task.py              # 3 seeds, 203-264 s on the 2-core machine (docs/seal.md)
     python examples/seal_block_task.py --quick      # a smoke test (seconds)
 
 The block task (structloss_fast.seal.data.make_block_task): 64-d Gaussian inputs, a random linear
@@ -22,9 +22,9 @@ import statistics
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 import structloss_fast as slf
+from structloss_fast._train import progress_bar
 from structloss_fast.seal import data as D
 from structloss_fast.seal import train as T
 
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     per_seed = []
-    for seed in tqdm(range(args.seeds), desc="seeds", disable=args.no_progress):
+    for seed in progress_bar(desc="seeds", enabled=not args.no_progress, iterable=range(args.seeds)):
         per_seed.append(run_seed(seed, args))
     elapsed = time.perf_counter() - t0
 

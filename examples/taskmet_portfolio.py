@@ -7,7 +7,7 @@ batched simplex QP layer (structloss_fast.taskmet.tasks.simplex_qp, differentiab
 KKT system). The predictor is a per-asset 2-layer MLP; the paper's market data is not available
 here. Prints the normalised test decision quality per seed and the mean.
 
-    python examples/taskmet_portfolio.py                 # 5 seeds, the defaults (several minutes)
+    python examples/taskmet_portfolio.py                 # 5 seeds, the defaults (281 s on the 2-core machine, docs/taskmet.md)
     python examples/taskmet_portfolio.py --seeds 0 --outer-steps 5
 """
 from __future__ import annotations

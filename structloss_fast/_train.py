@@ -1,7 +1,7 @@
 """Small training-loop pieces shared by the helpers that train networks (WideThenNarrow, the
-transfer evaluation): mini-batches from tensors or an iterable, an optimizer by name, a progress
-bar that writes clean lines when the output is not a terminal, and one epoch loop that reads the
-loss on the host once per epoch (not once per step)."""
+transfer evaluation, the JEM and SEAL trainers, the examples): mini-batches from tensors or an
+iterable, an optimizer by name, a progress bar that writes clean lines when the output is not a
+terminal, and one epoch loop that reads the loss on the host once per epoch (not once per step)."""
 from __future__ import annotations
 
 import sys
@@ -91,27 +91,110 @@ class eval_mode:
 
 
 class _NullBar:
+    n = 0
+
+    def __init__(self, iterable=None):
+        self._iterable = iterable
+
+    def __iter__(self):
+        return iter(self._iterable if self._iterable is not None else ())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def update(self, n=1):
         pass
 
     def set_postfix(self, *args, **kwargs):
         pass
 
+    def set_postfix_str(self, s="", refresh=True):
+        pass
+
+    def set_description(self, desc, refresh=True):
+        pass
+
+    def write(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     def close(self):
         pass
 
 
-def progress_bar(total: Optional[int], desc: str, enabled: bool):
-    """A tqdm bar on stderr, redrawn at most twice a second and shown only on a terminal (so
-    that logs stay clean), or a bar that does nothing."""
+class LineBar(_NullBar):
+    """Progress for logs: whole lines ("desc: 40/120 (33%), 12.0 s, loss=0.5"), at most one every
+    `interval` seconds and one at the end, never a carriage return or an escape code (what tqdm
+    writes to a file or a pipe: redrawn bars, nested bars' cursor moves)."""
+
+    def __init__(self, iterable=None, *, total: Optional[int] = None, desc: str = "", file=None,
+                 interval: float = 30.0):
+        super().__init__(iterable)
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total, self.desc, self.file, self.interval = total, desc, file, interval
+        self.n = 0
+        self.postfix = ""
+        self._start = self._last = time.perf_counter()
+        self._closed = False
+
+    def __iter__(self):
+        for item in super().__iter__():
+            yield item
+            self.update(1)
+        self.close()
+
+    def _line(self) -> str:
+        done = f"{self.n}/{self.total} ({100 * self.n // max(self.total, 1)}%)" if self.total else f"{self.n}"
+        text = f"{self.desc}: {done}, {time.perf_counter() - self._start:.1f} s"
+        return text + (f", {self.postfix}" if self.postfix else "")
+
+    def _emit(self) -> None:
+        print(self._line(), file=self.file if self.file is not None else sys.stderr, flush=True)
+        self._last = time.perf_counter()
+
+    def update(self, n=1):
+        self.n += n
+        if time.perf_counter() - self._last >= self.interval:
+            self._emit()
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        items = dict(ordered_dict or {}, **kwargs)
+        self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
+
+    def set_postfix_str(self, s="", refresh=True):
+        self.postfix = s
+
+    def set_description(self, desc, refresh=True):
+        self.desc = desc
+
+    def write(self, line: str) -> None:
+        print(line, file=self.file if self.file is not None else sys.stderr, flush=True)
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            self._emit()
+
+
+def progress_bar(total: Optional[int] = None, desc: str = "", enabled: bool = True, *, iterable=None, file=None,
+                 interval: float = 30.0):
+    """The one progress bar of the package and its examples: a tqdm bar when `file` (stderr) is
+    a terminal, clean lines (LineBar) when it is a file or a pipe, nothing when not enabled.
+    Iterate it when an iterable is given; otherwise update(n), set_postfix(...), close()."""
+    stream = file if file is not None else sys.stderr
     if not enabled:
-        return _NullBar()
+        return _NullBar(iterable)
+    tty = getattr(stream, "isatty", None)
+    if tty is None or not tty():
+        return LineBar(iterable, total=total, desc=desc, file=stream, interval=interval)
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
-        return _NullBar()
-    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, mininterval=0.5, dynamic_ncols=True,
-                disable=None)
+        return LineBar(iterable, total=total, desc=desc, file=stream, interval=interval)
+    return tqdm(iterable, total=total, desc=desc, leave=False, file=stream, mininterval=0.5, dynamic_ncols=True)
 
 
 def run_epochs(step_loss: Callable[[Tensor, Tensor], Tensor], optimizer, data, *, epochs: int, batch_size: int,

@@ -421,12 +421,175 @@ Tensor class_weights_or_ones(const std::optional<Tensor>& class_weight, int64_t 
   return at::ones({C}, at::TensorOptions().dtype(acc));
 }
 
+// ---------------------------------------------------------------- class-probability targets
+
+// F.cross_entropy's second target form: a distribution t over the classes per row (identity
+// transform). The row loss is sum_j c_j f_j with c_j = w_j ((1 - ls) t_j + ls / C) (the form
+// label smoothing takes with class indices), its gradient p_i S - c_i h_i with
+// S = sum_k c_k h_k. The unique largest logit is the one class that may hold p > 1/2: its
+// q = 1 - p comes from the other classes' sum (no cancellation), and its gradient is formed as
+// p_hi (S - c_hi h_hi) - c_hi h_hi q_hi. Statistics: kSmMaxOther / kSmMax hold the row max,
+// kSmCountMax how many logits equal it, kSmGradHi the largest class's gradient (kSmGradY is 0).
+template <typename In, typename T, typename Out>
+struct ProbRowsArgs {
+  const In* raw;        // rows x C logits
+  const In* prob;       // rows x C target probabilities
+  Out* out;             // rows x C gradient, or nullptr
+  int64_t C;
+  const T* cw;          // (C,) class weights (ones when none were given)
+  T* stats;             // per row kNumSoftmaxStats
+  const T* row_scale;   // per row scale of the gradient, or nullptr (scale 1)
+  const ElParams<T>* el;
+};
+
+// (b, h) of one class with p <= 1/2 from p alone, as phase2_segment forms them.
+template <typename T>
+SLF_HD void small_class_bonus(T p, const ElParams<T>& el, T& b, T& h) {
+  const T q = T(1) - p;
+  const bool cons = el.has_le && p > el.log_end;
+  const bool clamped = !(q >= el.eps);
+  b = cons ? el.log1m_le - (p - el.log_end) * el.inv_1m_le : (clamped ? el.log_eps : log1p_neg_fast(p));
+  h = cons ? T(1) + el.rho * p * el.inv_1m_le : (clamped ? T(1) : T(1) + el.rho * p / q);
+}
+
+template <typename In, typename T>
+inline void prob_sums(const In* raw, const In* prob, const T* cw, int64_t C, const ElParams<T>& el,
+                                    T mx, T log_s, bool has_hi, T& a, T& f, T& c_hi) {
+  const T keep = T(1) - el.ls, lsC = el.ls / static_cast<T>(C);
+  T sa = T(0), sf = T(0), sc = T(0);
+#pragma omp simd reduction(+ : sa, sf, sc)
+  for (int64_t j = 0; j < C; ++j) {
+    const T z = static_cast<T>(raw[j]);
+    const T d = (z - mx) - log_s;
+    T b, h;
+    small_class_bonus(exp_fast(d), el, b, h);
+    const T c = cw[j] * (keep * static_cast<T>(prob[j]) + lsC);
+    const bool hi = has_hi && z == mx;
+    sa += hi ? T(0) : c * h;
+    sf += hi ? T(0) : c * (el.rho * b - d);
+    sc += hi ? c : T(0);
+  }
+  a = sa;
+  f = sf;
+  c_hi = sc;
+}
+
+template <typename In, typename T, typename Out>
+inline void prob_grad_row(const In* raw, const In* prob, Out* out, const T* cw, int64_t C,
+                                        const ElParams<T>& el, T mx, T log_s, bool has_hi, T S, T g_hi, T scale) {
+  const T keep = T(1) - el.ls, lsC = el.ls / static_cast<T>(C);
+#pragma omp simd
+  for (int64_t j = 0; j < C; ++j) {
+    const T z = static_cast<T>(raw[j]);
+    const T p = exp_fast((z - mx) - log_s);
+    T b, h;
+    small_class_bonus(p, el, b, h);
+    const T c = cw[j] * (keep * static_cast<T>(prob[j]) + lsC);
+    const T g = (has_hi && z == mx) ? g_hi : p * S - c * h;
+    out[j] = static_cast<Out>(g * scale);
+  }
+}
+
+template <typename In, typename T, typename Out>
+SLF_CPU_MULTIVERSION void prob_forward_rows(const ProbRowsArgs<In, T, Out>& a, int64_t b, int64_t e) {
+  T zbuf[kBlock];
+  const Transform<T> identity(kIdentity, T(1), T(0));
+  const ElParams<T>& el = *a.el;
+  for (int64_t i = b; i < e; ++i) {
+    const In* raw = a.raw + i * a.C;
+    const In* prob = a.prob + i * a.C;
+    OtherStats<T> st;
+    phase1_segment<kIdentity>(raw, a.C, int64_t(-1), identity, st, zbuf);
+    const T mx = st.m;
+    const T s_all = st.s_below + static_cast<T>(st.n_at_max);
+    const T log_s = log_(s_all);
+    const bool has_hi = st.n_at_max == 1;
+    T sum_ch, sum_cf, c_hi;
+    prob_sums(raw, prob, a.cw, a.C, el, mx, log_s, has_hi, sum_ch, sum_cf, c_hi);
+    T S = sum_ch, g_hi = T(0), loss = sum_cf;
+    if (has_hi) {
+      const T p_hi = T(1) / s_all, q_hi = st.s_below / s_all;
+      const Bonus<T> hb = bonus_of(p_hi, q_hi, el);
+      S += c_hi * hb.h;
+      g_hi = p_hi * sum_ch - c_hi * hb.hq;
+      loss += c_hi * (log_s + el.rho * hb.b);
+    }
+    T* s = a.stats + i * kNumSoftmaxStats;
+    s[kSmLse] = mx + log_s;
+    s[kSmRowLoss] = loss;
+    s[kSmS] = S;
+    s[kSmGradY] = T(0);
+    s[kSmGradHi] = g_hi;
+    s[kSmMaxOther] = mx;
+    s[kSmCountMax] = static_cast<T>(st.n_at_max);
+    s[kSmMax] = mx;
+    s[kSmLogSum] = log_s;
+    if (a.out) {
+      prob_grad_row(raw, prob, a.out + i * a.C, a.cw, a.C, el, mx, log_s, has_hi, S, g_hi,
+                    a.row_scale ? a.row_scale[i] : T(1));
+    }
+  }
+}
+
+template <typename In, typename T, typename Out>
+SLF_CPU_MULTIVERSION void prob_backward_rows(const ProbRowsArgs<In, T, Out>& a, int64_t b, int64_t e) {
+  for (int64_t i = b; i < e; ++i) {
+    const T* s = a.stats + i * kNumSoftmaxStats;
+    prob_grad_row(a.raw + i * a.C, a.prob + i * a.C, a.out + i * a.C, a.cw, a.C, *a.el, s[kSmMax], s[kSmLogSum],
+                  static_cast<int64_t>(s[kSmCountMax]) == 1, s[kSmS], s[kSmGradHi], a.row_scale[i]);
+  }
+}
+
+// Checks of a class-probability target; returns it contiguous in the logits' dtype.
+Tensor prob_target(const Tensor& target, const Tensor& logits, int64_t transform) {
+  TORCH_CHECK(target.sizes() == logits.sizes(), "structloss_fast: class-probability targets must have the logits' shape");
+  TORCH_CHECK(at::isFloatingType(target.scalar_type()), "structloss_fast: class-probability targets must be floating");
+  TORCH_CHECK(transform == kIdentity, "structloss_fast: class-probability targets take no margin transform");
+  return target.to(logits.scalar_type()).contiguous();
+}
+
+// The forward (row_weights undefined; grad when compute_grad) or the backward (grad of
+// sum_i row_weights[i] l_i) of probability targets.
+std::tuple<Tensor, Tensor> prob_run(const Tensor& logits, const Tensor& target_in,
+                                    const std::optional<Tensor>& class_weight, int64_t transform,
+                                    at::ArrayRef<double> params, bool compute_grad, const Tensor& stats_in,
+                                    const Tensor& row_weights) {
+  const Tensor target = prob_target(target_in, logits, transform);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const bool backward_mode = row_weights.defined();
+  const at::ScalarType acc = at::toOpMathType(logits.scalar_type());
+  Tensor stats = backward_mode ? stats_in : at::empty({N, kNumSoftmaxStats}, logits.options().dtype(acc));
+  Tensor grad = at::empty({compute_grad ? N : 0, C}, logits.options());
+  Tensor cw = class_weights_or_ones(class_weight, C, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "structloss_fast_softmax_prob", [&] {
+    using In = scalar_t;
+    using T = at::opmath_type<scalar_t>;
+    const ElParams<T> el(params[kPLogEnd], params[kPRho], params[kPSmooth], params[kPEps]);
+    ProbRowsArgs<In, T, In> a{logits.data_ptr<In>(), target.data_ptr<In>(), compute_grad ? grad.data_ptr<In>() : nullptr,
+                              C, cw.data_ptr<T>(), stats.data_ptr<T>(),
+                              backward_mode ? row_weights.data_ptr<T>() : nullptr, &el};
+    at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) {
+      if (backward_mode) {
+        prob_backward_rows(a, b, e);
+      } else {
+        prob_forward_rows(a, b, e);
+      }
+    });
+  });
+  return {stats, grad};
+}
+
 // ---------------------------------------------------------------- softmax_loss
 
 std::tuple<Tensor, Tensor> softmax_loss_cpu(const Tensor& logits_in, const Tensor& target_in,
                                             const std::optional<Tensor>& class_weight, int64_t ignore_index,
                                             int64_t transform, at::ArrayRef<double> params, bool compute_grad) {
   TORCH_CHECK(logits_in.dim() == 2, "structloss_fast: softmax_loss takes (N, C) logits");
+  if (target_in.dim() == 2) {  // class probabilities
+    check_params(transform, params);
+    TORCH_CHECK(logits_in.size(1) > 0 || logits_in.size(0) == 0, "structloss_fast: softmax_loss needs at least one class");
+    return prob_run(logits_in.contiguous(), target_in, class_weight, transform, params, compute_grad, Tensor(), Tensor());
+  }
   TORCH_CHECK(target_in.dim() == 1 && target_in.size(0) == logits_in.size(0), "structloss_fast: target must be (N,)");
   TORCH_CHECK(target_in.scalar_type() == at::kLong, "structloss_fast: target must be int64");
   check_params(transform, params);
@@ -464,14 +627,17 @@ Tensor softmax_loss_backward_cpu(const Tensor& logits_in, const Tensor& target_i
   const Tensor logits = logits_in.contiguous();
   const Tensor target = target_in.contiguous();
   const int64_t N = logits.size(0), C = logits.size(1);
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == N && target.scalar_type() == at::kLong,
-              "structloss_fast: target must be (N,) int64");
   const at::ScalarType acc = at::toOpMathType(logits.scalar_type());
   TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == N && row_stats_in.size(1) == kNumSoftmaxStats,
               "structloss_fast: row_stats must be (N, ", kNumSoftmaxStats, ")");
   TORCH_CHECK(row_weights_in.dim() == 1 && row_weights_in.size(0) == N, "structloss_fast: row_weights must be (N,)");
   const Tensor stats = row_stats_in.to(acc).contiguous();
   const Tensor row_w = row_weights_in.to(acc).contiguous();
+  if (target.dim() == 2) {  // class probabilities
+    return std::get<1>(prob_run(logits, target, class_weight, transform, params, true, stats, row_w));
+  }
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == N && target.scalar_type() == at::kLong,
+              "structloss_fast: target must be (N,) int64");
   Tensor grad = at::empty({N, C}, logits.options());
   Tensor cw = class_weights_or_ones(class_weight, C, acc);
   check_targets(target, C, ignore_index);

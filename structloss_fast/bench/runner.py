@@ -185,7 +185,22 @@ def print_table(rows: list[dict], cases: dict[str, Case], out=sys.stdout) -> Non
           "(peers exclude structloss_fast and reference points such as GEMM floors)", file=out)
 
 
+def plot_groups(rows: list[dict], metric: str) -> tuple[list[str], list[str], dict]:
+    """What one panel of a case draws: the sizes, the providers that have a result in the case
+    (skipped and failed ones are left out, of the bars and of the legend), and per (provider,
+    size) the value and its height on a linear axis relative to the largest value at that size
+    (sizes of one case differ by orders of magnitude: each size group spans the axis)."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get(metric) is not None]
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in ok))
+    values = {(r["provider"], r["size"]): r[metric] for r in ok}
+    top = {s: max((v for (p, sz), v in values.items() if sz == s), default=0.0) for s in sizes}
+    return sizes, providers, {k: (v, v / top[k[1]] if top[k[1]] > 0 else 0.0) for k, v in values.items()}
+
+
 def plot(rows: list[dict], cases: dict[str, Case], path: str, title: str) -> bool:
+    """One row of two panels per case (time, peak memory): bars on a linear axis, each size group
+    scaled to its largest value, every bar labelled with its measured value."""
     try:
         import matplotlib
 
@@ -194,25 +209,34 @@ def plot(rows: list[dict], cases: dict[str, Case], path: str, title: str) -> boo
     except Exception:
         return False
     keys = list(dict.fromkeys(r["case"] for r in rows))
-    fig, axes = plt.subplots(len(keys), 2, figsize=(12, 3.2 * len(keys)), squeeze=False)
+    fig, axes = plt.subplots(len(keys), 2, figsize=(14, 3.6 * len(keys)), squeeze=False)
+    panels = (("time_s", fmt_time, "time / slowest at this size"),
+              ("peak_mem_bytes", fmt_mem, "peak extra memory / largest at this size"))
     for i, key in enumerate(keys):
         sub = [r for r in rows if r["case"] == key]
-        sizes = list(dict.fromkeys(r["size"] for r in sub))
-        providers = list(dict.fromkeys(r["provider"] for r in sub))
-        width = 0.8 / max(len(providers), 1)
-        for j, prov in enumerate(providers):
-            t = [next((r["time_s"] for r in sub if r["provider"] == prov and r["size"] == s and r.get("status") == "ok"), math.nan) for s in sizes]
-            m = [next((r["peak_mem_bytes"] / 2**20 for r in sub if r["provider"] == prov and r["size"] == s and r.get("status") == "ok"), math.nan) for s in sizes]
-            xs = [k + j * width for k in range(len(sizes))]
-            axes[i][0].bar(xs, t, width, label=prov)
-            axes[i][1].bar(xs, m, width, label=prov)
-        for ax, ylabel in ((axes[i][0], "time (s)"), (axes[i][1], "peak extra memory (MB)")):
+        for ax, (metric, fmt, ylabel) in zip(axes[i], panels):
+            sizes, providers, bars = plot_groups(sub, metric)
+            width = 0.8 / max(len(providers), 1)
+            for j, prov in enumerate(providers):
+                xs, hs, labels = [], [], []
+                for k, size in enumerate(sizes):
+                    if (prov, size) in bars:
+                        value, height = bars[(prov, size)]
+                        xs.append(k + j * width)
+                        hs.append(height)
+                        labels.append(fmt(value))
+                drawn = ax.bar(xs, hs, width, label=prov)
+                ax.bar_label(drawn, labels=labels, fontsize=6, rotation=90, padding=2)
             ax.set_xticks([k + 0.4 - width / 2 for k in range(len(sizes))])
             ax.set_xticklabels(sizes, fontsize=7)
-            ax.set_yscale("log")
-            ax.set_ylabel(ylabel)
+            ax.set_ylim(0, 1.45)  # room for the rotated labels
+            ax.set_ylabel(ylabel, fontsize=8)
             ax.set_title(key, fontsize=9)
-        axes[i][0].legend(fontsize=7)
+            if not providers:
+                ax.text(0.5, 0.5, "no result", ha="center", va="center", transform=ax.transAxes)
+        if any(ax.get_legend_handles_labels()[0] for ax in axes[i]):
+            # One legend per case, beside its two panels, clear of the bars and their labels.
+            axes[i][1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

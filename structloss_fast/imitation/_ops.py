@@ -50,26 +50,35 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, backward_op, grad_sums):
+def _saved(ctx):
     saved = ctx.saved_tensors
     L = ctx.n_layers
-    student, teacher = list(saved[:L]), list(saved[L:])
-    mask = list(ctx.grad_mask)
-    nothing = [None] * L  # a Tensor[] input takes a list of gradients, None for each when there are none
+    return list(saved[:L]), list(saved[L:]), list(ctx.grad_mask), [None] * L
+
+
+def _differentiable_backward(ctx, grad_sums):
+    """The same formula in differentiable PyTorch ops (exact double backward)."""
+    student, teacher, mask, nothing = _saved(ctx)
     if grad_sums is None or not any(mask):
         return nothing, nothing
-    if _oplib.create_graph():
-        # The same formula in differentiable PyTorch ops (exact double backward).
-        coef = 2.0 * grad_sums.to(student[0].dtype)
-        grads = [coef[i] * (s - t) for i, (s, t) in enumerate(zip(student, teacher))]
-        return (grads if mask[0] else nothing), ([-g for g in grads] if mask[1] else nothing)
+    coef = 2.0 * grad_sums.to(student[0].dtype)
+    grads = [coef[i] * (s - t) for i, (s, t) in enumerate(zip(student, teacher))]
+    return (grads if mask[0] else nothing), ([-g for g in grads] if mask[1] else nothing)
+
+
+def _backward(ctx, backward_op, grad_sums):
+    # A Tensor[] input takes a list of gradients, None for each when there are none.
+    student, teacher, mask, nothing = _saved(ctx)
+    if grad_sums is None or not any(mask):
+        return nothing, nothing
     acc = torch.float64 if student[0].dtype == torch.float64 else torch.float32
     grad_s, grad_t = backward_op(student, teacher, (2.0 * grad_sums).to(acc), mask)
     return (list(grad_s) if mask[0] else nothing), (list(grad_t) if mask[1] else nothing)
 
 
 LOSS_OP = _oplib.LossOp(OP, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context,
-                        backward=_backward, what="the layer-imitation loss")
+                        backward=_backward, differentiable_backward=_differentiable_backward,
+                        what="layer_imitation_loss")
 
 _registry.declare(_registry.OpSpec(OP, family="imitation", kernels=("cpu",)))
 

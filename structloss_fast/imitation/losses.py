@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 
 from torch import Tensor
 
-from .. import _registry, _validate
+from .. import _oplib, _registry, _validate
 from .._module import LossModule
 from . import _ops
 from . import reference as _ref
@@ -104,10 +104,13 @@ def layer_imitation_loss(
     if not isinstance(per_layer, bool):
         raise TypeError(f"per_layer must be a bool, got {type(per_layer).__name__}")
     chosen = _registry.resolve(_ops.OP, backend, student[0].device)
+    dtype = _oplib.loss_dtype(student[0])  # float32 under autocast, as F.mse_loss
     if chosen == "reference":
-        return _ref.layer_imitation_loss(student, teacher, weights, reductions, per_layer)
+        student, teacher = list(_oplib.loss_inputs(*student)), list(_oplib.loss_inputs(*teacher))
+        with _oplib.autocast_off(student[0].device):
+            return _ref.layer_imitation_loss(student, teacher, weights, reductions, per_layer).to(dtype)
     scales = [w / _ref.divisor(s, r) for s, w, r in zip(student, weights, reductions)]
-    return _ops.reduce(_ops.run(chosen, student, teacher), scales, student[0].dtype, per_layer)
+    return _ops.reduce(_ops.run(chosen, student, teacher), scales, dtype, per_layer)
 
 
 class LayerImitationLoss(LossModule):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext, _registry
+from .. import _ext, _oplib, _registry
 
 OP = "sgld_step_"
 _registry.declare(_registry.OpSpec(OP, family="jem", kernels=("cpu", "cuda")))
@@ -23,6 +23,7 @@ def _fake_sgld_step(x, grad, noise, step_coef, noise_coef, grad_clamp, x_clamp, 
 
 if _ext.extension_loaded():
     torch.library.register_fake(f"structloss_fast::{OP}")(_fake_sgld_step)
+    _oplib.register_autocast(OP)
 
 
 def sgld_step_(x, grad, noise, step_coef, noise_coef, grad_clamp, x_clamp, noise_after_clamp, generator, philox=()):

@@ -7,6 +7,7 @@ where an input gradient is needed) and return tensors or Python floats.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -69,6 +70,11 @@ def calibration_bins(probs: Tensor, labels: Tensor, n_bins: int = 20) -> dict:
     Confidence = max probability, prediction = its argmax (the first on ties)."""
     _check_probs(probs, labels, n_bins)
     p = probs.detach().to(torch.float64)
+    finite = torch.isfinite(p)
+    if not bool(finite.all()):  # (an evaluation helper: reading the flag back is fine here)
+        row = int((~finite).any(1).nonzero()[0, 0])
+        raise ValueError(f"probs must be finite to be binned by confidence, got {int((~finite).sum())} non-finite "
+                         f"value(s), first in row {row}: {p[row].tolist()[:8]}")
     conf, pred = p.max(1)
     correct = (pred == labels.to(p.device)).to(torch.float64)
     # bin m holds (m / M, (m + 1) / M]; a confidence of exactly 0 (impossible for probabilities
@@ -281,13 +287,15 @@ def _pgd(model, x, y, norm, eps, n_iter, step_size, random_start, clamp, generat
     if x_init is not None:
         x_adv = project(x_init.detach().to(x.device, x.dtype))
     elif random_start and (isinstance(eps, Tensor) or eps > 0):
+        # (uniform_ / normal_ on new tensors draw what torch.rand / torch.randn draw, and also take
+        # the symbolic shapes of torch.compile(dynamic=True))
         if norm == "linf":
-            start = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+            start = (torch.empty_like(x).uniform_(generator=generator) * 2 - 1) * eps
         else:
-            d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            d = torch.empty_like(x).normal_(generator=generator)
             d = d / _per_sample_norm(d).clamp_min(1e-12)
-            r = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
-            start = d * r.pow(1.0 / x[0].numel()) * eps
+            r = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).uniform_(generator=generator)
+            start = d * r.pow(1.0 / max(math.prod(x.shape[1:]), 1)) * eps  # (x[0] fails on an empty batch)
         x_adv = project(x + start)
     else:
         x_adv = x.clone()

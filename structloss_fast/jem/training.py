@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _validate
+from .. import _oplib, _validate
+from .._train import progress_bar
 from .sgld import SGLD_VARIANTS, check_step_args, resolve_backend, sgld_step_
 
 __all__ = [
@@ -434,6 +435,17 @@ def jem_loss(logits_data: Tensor, logits_samples: Optional[Tensor], labels: Opti
         _validate.tensor("logits_samples", logits_samples, ndim=2, floating=True)
         if logits_samples.shape[1] != n_classes:
             raise ValueError(f"logits_samples must have {n_classes} classes, got shape {tuple(logits_samples.shape)}")
+    # Under autocast: float32, as F.cross_entropy.
+    logits_data, logits_samples, logits_labeled, logits_samples_y = _oplib.loss_inputs(
+        logits_data, logits_samples, logits_labeled, logits_samples_y)
+    with _oplib.autocast_off(logits_data.device):
+        return _jem_objective(logits_data, logits_samples, labels, logits_labeled, logits_samples_y, y_samples,
+                              p_x_weight, p_y_given_x_weight, p_x_y_weight, energy_l2, return_parts)
+
+
+def _jem_objective(logits_data, logits_samples, labels, logits_labeled, logits_samples_y, y_samples, p_x_weight,
+                   p_y_given_x_weight, p_x_y_weight, energy_l2, return_parts):
+    logits_lab = logits_data if logits_labeled is None else logits_labeled
     zero = logits_data.new_zeros(())
     parts = {}
     loss = zero
@@ -597,7 +609,8 @@ class JEMTrainer:
             callback: Optional[Callable[[dict], None]] = None, desc: str = "JEM") -> list[dict]:
         """Trains for `epochs` over `data`: an iterable of (x, y) batches (e.g. a DataLoader),
         or a tuple of tensors (X, Y) batched here (batch_size, shuffled with the trainer's
-        generator). Returns the per-iteration history; shows a tqdm progress bar."""
+        generator). Returns the per-iteration history; shows a progress bar (clean lines when
+        stderr is not a terminal)."""
         if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
             X, Y = data
             _validate.length("Y", Y, X.shape[0], "X")
@@ -616,7 +629,7 @@ class JEMTrainer:
                 return iter(data)
             n_batches = len(data) if hasattr(data, "__len__") else None
         total = n_batches * epochs if n_batches is not None else None
-        bar = _progress(total, desc, self.progress)
+        bar = progress_bar(total, desc, self.progress)
         history = []
         t0 = time.perf_counter()
         try:
@@ -636,23 +649,3 @@ class JEMTrainer:
         finally:
             bar.close()
         return history
-
-
-def _progress(total, desc, enabled):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    if tqdm is None or not enabled:
-        class _Null:
-            def update(self, n=1):
-                pass
-
-            def set_postfix(self, *a, **k):
-                pass
-
-            def close(self):
-                pass
-        return _Null()
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-

@@ -101,9 +101,12 @@ def _backward(ctx, backward_op, grad_stats, _g_grad_x, _g_grad_ref):
     return (gx, None, gr) + (None,) * 6
 
 
+# The public function of each engine loss (for the error messages).
+PUBLIC_NAMES = {int(v): ("triplet_margin" if k.startswith("triplet") else k) + "_loss" for k, v in LOSSES.items()}
+
 LOSS_OP = _oplib.LossOp(
     OP, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_backward,
-    what="the pairwise losses", triton=("structloss_fast.pairwise._triton", "forward", "backward"),
+    what=lambda *inputs: PUBLIC_NAMES[inputs[8]], triton=("structloss_fast.pairwise._triton", "forward", "backward"),
 )
 
 

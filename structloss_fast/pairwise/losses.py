@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _registry, _validate
+from .. import _oplib, _registry, _validate
 from .._ids import PairGradMode
 from .._module import LossModule
 from . import _ops
@@ -41,8 +41,7 @@ def check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_self_index=
     if ref_self_index is not None:
         if ref_embeddings is None:
             raise ValueError("ref_self_index needs ref_embeddings")
-        if isinstance(ref_self_index, bool) or not isinstance(ref_self_index, int):
-            raise TypeError(f"ref_self_index must be an int, got {type(ref_self_index).__name__}")
+        ref_self_index = _validate.integer("ref_self_index", ref_self_index)
         if not 0 <= ref_self_index < max(ref_embeddings.shape[0], 1):
             raise ValueError(f"ref_self_index must be in [0, {ref_embeddings.shape[0]}), got {ref_self_index}")
     _validate.same_device(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings, ref_labels=ref_labels)
@@ -52,12 +51,13 @@ def prepare(embeddings, labels, ref_embeddings, ref_labels, ref_self_index, back
     """Normalized operands for the ops: (x, labels64, ref, ref_labels64, self_offset, ref_is_x)."""
     low_precision = embeddings.dtype in (torch.float16, torch.bfloat16)
     compute_dtype = torch.float32 if low_precision else embeddings.dtype
-    x = F.normalize(embeddings.to(compute_dtype), p=2, dim=1, eps=1e-12)
+    # Contiguous: the Triton kernels read the rows with unit stride (transposed or sliced inputs).
+    x = F.normalize(embeddings.to(compute_dtype), p=2, dim=1, eps=1e-12).contiguous()
     labels64 = labels.to(torch.int64).contiguous()
     if ref_embeddings is None:
         ref, ref_lab64, self_offset, ref_is_x = x, labels64, 0, True
     else:
-        ref = F.normalize(ref_embeddings.to(compute_dtype), p=2, dim=1, eps=1e-12)
+        ref = F.normalize(ref_embeddings.to(compute_dtype), p=2, dim=1, eps=1e-12).contiguous()
         ref_lab64 = ref_labels.to(torch.int64).contiguous()
         self_offset = -1 if ref_self_index is None else int(ref_self_index)
         ref_is_x = False
@@ -92,9 +92,12 @@ def _run(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, re
     _validate.reduction(reduction)
     loss_id = _ops.LOSSES[loss_name]
     chosen = _ops.resolve(backend, embeddings, loss_id, ref_embeddings)
+    dtype = _oplib.loss_dtype(embeddings)
     if chosen == "reference":
-        return reference_fn(embeddings, labels, *params, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
-                            reduction=reduction, ref_self_index=ref_self_index)
+        emb, ref_emb = _oplib.loss_inputs(embeddings, ref_embeddings)  # (float32 under autocast)
+        with _oplib.autocast_off(embeddings.device):
+            return reference_fn(emb, labels, *params, ref_embeddings=ref_emb, ref_labels=ref_labels,
+                                reduction=reduction, ref_self_index=ref_self_index).to(dtype)
     x, lab, ref, ref_lab, self_offset, ref_is_x = prepare(embeddings, labels, ref_embeddings, ref_labels,
                                                           ref_self_index, chosen)
     grad_mode = PairGradMode.NONE
@@ -108,7 +111,8 @@ def _run(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, re
         if ref_embeddings is not None and ref_embeddings.requires_grad:
             grad_mode = PairGradMode.X_REF
     stats = _ops.run(chosen, x, lab, ref, ref_lab, self_offset, ref_is_x, loss_id, params, grad_mode)
-    return _ops.reduce(stats, loss_id, reduction).to(embeddings.dtype)
+    # Non-finite embeddings give NaN even when the labels leave no term to carry it.
+    return _ref.nan_unless_finite(_ops.reduce(stats, loss_id, reduction).to(dtype), embeddings, ref_embeddings)
 
 
 _COMMON_DOC = """

@@ -8,6 +8,8 @@ default reducer) with two deliberate differences:
   filter drops it), so that non-finite input gives a non-finite loss;
 - PML returns 0 for pair losses whenever every index list has at most one pair (e.g. one
   anchor against two references); here every anchor with a positive and a negative counts.
+Non-finite embeddings (or references) give a NaN loss whatever the labels (`nan_unless_finite`),
+also when the labels form no usable pair and the terms alone would be 0.
 
 Every loss is reduced from per-anchor *terms*: a loss is
     gate * sum_k (sum_i term_k[i]) / count_k            ("mean"; count_k = 1 when 0)
@@ -19,20 +21,46 @@ as a whole (SupCon and NT-Xent without any positive or any negative pair).
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, p=2, dim=1, eps=1e-12)
+
+
 def cosine_similarity(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, p=2, dim=1, eps=1e-12) @ F.normalize(ref, p=2, dim=1, eps=1e-12).T
+    dtype = torch.promote_types(x.dtype, ref.dtype)
+    return normalize(x.to(dtype)) @ normalize(ref.to(dtype)).T
 
 
-def distance_from_similarity(s: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance of unit vectors, ||a - b|| = sqrt(2 - 2 a.b), with the gradient that
-    torch.cdist gives at zero distance (0)."""
-    sq = (2 - 2 * s).clamp_min(0)
-    safe = torch.where(sq > 0, sq, torch.ones_like(sq))
-    return torch.where(sq > 0, safe.sqrt(), torch.zeros_like(sq))
+def euclidean_distance(x_hat: torch.Tensor, r_hat: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """||x^_i - r^_j|| of the normalized rows themselves, from their similarities s = x^ r^T:
+    sqrt(||x^||^2 + ||r^||^2 - 2 s), so a zero row (x^ = 0) is at distance 1 from every unit
+    vector, as torch.cdist on F.normalize'd rows (PML's LpDistance) gives. The gradient at zero
+    distance is torch.cdist's (0); a NaN distance stays NaN."""
+    sq = (x_hat.square().sum(1)[:, None] + r_hat.square().sum(1)[None, :] - 2 * s).clamp_min(0)
+    keep = (sq > 0) | sq.isnan()
+    safe = torch.where(keep, sq, torch.ones_like(sq))
+    return torch.where(keep, safe.sqrt(), torch.zeros_like(sq))
+
+
+def nan_unless_finite(out: torch.Tensor, *inputs) -> torch.Tensor:
+    """out, or NaN everywhere when any input holds a non-finite value: a loss of non-finite
+    embeddings is never a finite number, even when the labels leave no term to carry the NaN
+    (PML gives NaN there too). A device-side test: no synchronisation."""
+    finite = None
+    for t in inputs:
+        if t is None or t.numel() == 0:
+            continue
+        f = torch.isfinite(t).all()
+        finite = f if finite is None else finite & f
+    if finite is None:
+        return out
+    return out + torch.where(finite, 0.0, float("nan")).to(out.dtype)
 
 
 def pair_masks(labels, ref_labels, self_index=None):
@@ -80,16 +108,32 @@ def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     return reduce_terms([rows], [counts_nonzero(rows)], reduction)
 
 
+class _Problem(NamedTuple):
+    x_hat: torch.Tensor
+    r_hat: torch.Tensor
+    s: torch.Tensor
+    pos: torch.Tensor
+    neg: torch.Tensor
+
+    def distance(self) -> torch.Tensor:
+        return euclidean_distance(self.x_hat, self.r_hat, self.s)
+
+
 def _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index):
+    """Normalized rows, similarities and pair masks, in the promoted dtype of embeddings and
+    references (the kernels accept mixed dtypes, so the definition does too)."""
     if ref_embeddings is None:
         B = embeddings.shape[0]
         self_index = torch.arange(B, device=labels.device)
-        return cosine_similarity(embeddings, embeddings), *pair_masks(labels, labels, self_index)
+        x_hat = normalize(embeddings)
+        return _Problem(x_hat, x_hat, x_hat @ x_hat.T, *pair_masks(labels, labels, self_index))
     M = ref_embeddings.shape[0]
     self_index = None
     if ref_self_index is not None and M > 0:
         self_index = (ref_self_index + torch.arange(embeddings.shape[0], device=labels.device)) % M
-    return cosine_similarity(embeddings, ref_embeddings), *pair_masks(labels, ref_labels, self_index)
+    dtype = torch.promote_types(embeddings.dtype, ref_embeddings.dtype)
+    x_hat, r_hat = normalize(embeddings.to(dtype)), normalize(ref_embeddings.to(dtype))
+    return _Problem(x_hat, r_hat, x_hat @ r_hat.T, *pair_masks(labels, ref_labels, self_index))
 
 
 def _gate(pos, neg):
@@ -103,12 +147,23 @@ def _twoset_rows(pos_logits, neg_logits, s, pos, neg):
     return torch.where(valid, F.softplus(torch.where(valid, z, torch.zeros_like(z))), torch.zeros_like(z))
 
 
+def _nonfinite_gives_nan(loss_fn):
+    """A reference loss whose result is NaN when its embeddings or references are not finite."""
+    @functools.wraps(loss_fn)
+    def wrapped(embeddings, labels, *args, ref_embeddings=None, **kwargs):
+        out = loss_fn(embeddings, labels, *args, ref_embeddings=ref_embeddings, **kwargs)
+        return nan_unless_finite(out, embeddings, ref_embeddings)
+
+    return wrapped
+
+
 def _twoset_loss(pos_logits, neg_logits, embeddings, labels, ref_embeddings, ref_labels, reduction,
                  ref_self_index=None):
-    s, pos, neg = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
-    return reduce_rows(_twoset_rows(pos_logits, neg_logits, s, pos, neg), reduction)
+    pb = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    return reduce_rows(_twoset_rows(pos_logits, neg_logits, pb.s, pb.pos, pb.neg), reduction)
 
 
+@_nonfinite_gives_nan
 def circle_loss(embeddings, labels, m=0.4, gamma=80.0, ref_embeddings=None, ref_labels=None, reduction="mean",
                 ref_self_index=None):
     """Circle loss, pair-level labels (Sun et al. 2020, Eq. 6; PML's CircleLoss)."""
@@ -124,6 +179,7 @@ def circle_loss(embeddings, labels, m=0.4, gamma=80.0, ref_embeddings=None, ref_
                         ref_self_index)
 
 
+@_nonfinite_gives_nan
 def unified_loss(embeddings, labels, m=0.35, gamma=64.0, ref_embeddings=None, ref_labels=None, reduction="mean",
                  ref_self_index=None):
     """The paper's unified loss (Eq. 1), pair-level: softplus(LSE_N gamma (s + m) + LSE_P (-gamma s))."""
@@ -131,23 +187,27 @@ def unified_loss(embeddings, labels, m=0.35, gamma=64.0, ref_embeddings=None, re
                         ref_labels, reduction, ref_self_index)
 
 
+@_nonfinite_gives_nan
 def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, ref_embeddings=None,
                           ref_labels=None, reduction="mean", ref_self_index=None):
     """Multi-similarity loss (Wang et al. 2019; PML's MultiSimilarityLoss, MeanReducer over anchors):
     (1/alpha) log(1 + sum_P exp(-alpha (s - base))) + (1/beta) log(1 + sum_N exp(beta (s - base)))."""
-    s, pos, neg = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    pb = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    s, pos, neg = pb.s, pb.pos, pb.neg
     pos_term = softplus_exact(masked_logsumexp(alpha * (base - s), pos)) / alpha
     neg_term = softplus_exact(masked_logsumexp(beta * (s - base), neg)) / beta
     rows = pos_term + neg_term
     return reduce_terms([rows], [torch.ones_like(rows)], reduction)
 
 
+@_nonfinite_gives_nan
 def supcon_loss(embeddings, labels, temperature=0.1, ref_embeddings=None, ref_labels=None, reduction="mean",
                 ref_self_index=None):
     """Supervised contrastive loss (Khosla et al. 2020; PML's SupConLoss, AvgNonZeroReducer):
     -(1/|P|) sum_P [s_ip/t - LSE_{k in P u N} s_ik/t], 0 for anchors without positives; 0 for the
     batch when it has no positive or no negative pair at all."""
-    s, pos, neg = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    pb = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    s, pos, neg = pb.s, pb.pos, pb.neg
     a = s / temperature
     lse = masked_logsumexp(a, pos | neg)
     n_pos = pos.sum(dim=1)
@@ -157,11 +217,13 @@ def supcon_loss(embeddings, labels, temperature=0.1, ref_embeddings=None, ref_la
     return reduce_terms([rows], [counts_nonzero(rows)], reduction, gate=_gate(pos, neg).to(rows.dtype))
 
 
+@_nonfinite_gives_nan
 def ntxent_loss(embeddings, labels, temperature=0.07, ref_embeddings=None, ref_labels=None, reduction="mean",
                 ref_self_index=None):
     """NT-Xent / InfoNCE with label-defined positives (PML's NTXentLoss, MeanReducer over positive
     pairs): for each positive pair, softplus(LSE_N s_in/t - s_ip/t). "none" sums per anchor."""
-    s, pos, neg = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    pb = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    s, pos, neg = pb.s, pb.pos, pb.neg
     a = s / temperature
     lse_n = masked_logsumexp(a, neg)
     pair = softplus_exact(lse_n[:, None] - a)
@@ -169,13 +231,14 @@ def ntxent_loss(embeddings, labels, temperature=0.07, ref_embeddings=None, ref_l
     return reduce_terms([rows], [pos.sum(dim=1).to(rows.dtype)], reduction, gate=_gate(pos, neg).to(rows.dtype))
 
 
+@_nonfinite_gives_nan
 def contrastive_loss(embeddings, labels, pos_margin=0.0, neg_margin=1.0, ref_embeddings=None, ref_labels=None,
                      reduction="mean", ref_self_index=None):
     """Contrastive loss (Hadsell et al. 2006; PML's ContrastiveLoss with LpDistance on normalized
     embeddings): relu(d - pos_margin) over positive pairs and relu(neg_margin - d) over negative
     pairs, each averaged over its non-zero pair losses, then added. "none" sums per anchor."""
-    s, pos, neg = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
-    d = distance_from_similarity(s)
+    pb = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    pos, neg, d = pb.pos, pb.neg, pb.distance()
     lp = torch.where(pos, torch.relu(d - pos_margin), torch.zeros_like(d))
     ln = torch.where(neg, torch.relu(neg_margin - d), torch.zeros_like(d))
     terms = [lp.sum(dim=1), ln.sum(dim=1)]
@@ -183,13 +246,14 @@ def contrastive_loss(embeddings, labels, pos_margin=0.0, neg_margin=1.0, ref_emb
     return reduce_terms(terms, counts, reduction)
 
 
+@_nonfinite_gives_nan
 def triplet_margin_loss(embeddings, labels, margin=0.05, mining="all", ref_embeddings=None, ref_labels=None,
                         reduction="mean", ref_self_index=None):
     """Triplet margin loss (PML's TripletMarginLoss, LpDistance, AvgNonZeroReducer over triplets):
     relu(d_ap - d_an + margin) over every triplet ("all"), or over the hardest positive (largest
     d_ap) and hardest negative (smallest d_an) of each anchor ("batch_hard", PML's BatchHardMiner)."""
-    s, pos, neg = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
-    d = distance_from_similarity(s)
+    pb = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    pos, neg, d = pb.pos, pb.neg, pb.distance()
     if mining == "all":
         t = d[:, :, None] - d[:, None, :] + margin  # (B, P, N)
         valid = pos[:, :, None] & neg[:, None, :]

@@ -73,7 +73,7 @@ def _backward(ctx, backward_op, grad_stats, *_grad_grads):
 
 LOSS_OP = _oplib.LossOp(
     OP, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_backward,
-    what="the SEAL noise-contrastive losses", triton=("structloss_fast.seal._triton", "forward", "backward"),
+    what="sampled_nce_loss (and nce_ranking_loss)", triton=("structloss_fast.seal._triton", "forward", "backward"),
 )
 
 if _ext.extension_loaded():
@@ -81,6 +81,8 @@ if _ext.extension_loaded():
     def _(probs, seed, num_samples):
         torch._check(probs.dim() == 2, lambda: "probs must be (B, L)")
         return probs.new_empty((probs.shape[0], num_samples, probs.shape[1]))
+
+    _oplib.register_autocast("seal_bernoulli")
 
 
 def _check_supported(backend: str, *, unary: Tensor, num_samples: int):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _registry, _validate
+from .. import _oplib, _registry, _validate
 from . import _ops
 from . import reference as _ref
 
@@ -83,10 +83,9 @@ def _draw_seed(generator: Optional[torch.Generator], device: torch.device) -> Te
 
 
 def _compute_dtype(*tensors: Tensor) -> tuple[torch.dtype, torch.dtype]:
-    """(dtype of the result, dtype the kernels compute in: float32 for low precision)."""
-    dt = tensors[0].dtype
-    for t in tensors[1:]:
-        dt = torch.promote_types(dt, t.dtype)
+    """(dtype of the result: the promoted one, float32 under autocast; dtype the kernels compute
+    in: float32 for low precision)."""
+    dt = _oplib.loss_dtype(*tensors)
     return dt, (torch.float64 if dt == torch.float64 else torch.float32)
 
 
@@ -188,9 +187,10 @@ def _sampled_nce_loss(unary, probs, labels, global_weight, global_bias, global_o
     if chosen == "reference":
         p = probs.detach().to(out_dtype)
         y = samples.to(out_dtype) if samples is not None else _ref.philox_bernoulli(p, num_samples, seed)
-        return _ref.nce_ranking_loss(unary.to(out_dtype), p, labels.to(out_dtype), y, global_weight.to(out_dtype),
-                                     global_bias.to(out_dtype), global_out.to(out_dtype), use_logq=use_logq,
-                                     reduction=reduction)
+        with _oplib.autocast_off(unary.device):
+            return _ref.nce_ranking_loss(unary.to(out_dtype), p, labels.to(out_dtype), y, global_weight.to(out_dtype),
+                                         global_bias.to(out_dtype), global_out.to(out_dtype), use_logq=use_logq,
+                                         reduction=reduction)
     args = [t.to(dt) for t in (unary, probs.detach(), labels, global_weight, global_bias, global_out)]
     samp = None if samples is None else samples.to(dt)
     compute_grad = (
@@ -422,10 +422,11 @@ def nce_ranking_loss(
         else:
             y = samples.to(probs.dtype)
         yy = torch.cat([labels.to(y.dtype).unsqueeze(1), y], dim=1)
-        z = energy.score_from_features(f, yy)
-        if use_logq:
-            z = z - _ref.log_q(probs.detach(), yy)
-        return _ref.reduce(torch.logsumexp(z, 1) - z[:, 0], _reduction(reduction))
+        z, = _oplib.loss_inputs(energy.score_from_features(f, yy))
+        with _oplib.autocast_off(x.device):
+            if use_logq:
+                z = z - _ref.log_q(probs.detach(), yy)
+            return _ref.reduce(torch.logsumexp(z, 1) - z[:, 0], _reduction(reduction))
     unary = energy.unary(x)
     return _sampled_nce_loss(unary, probs, labels, energy.global_linear.weight, energy.global_linear.bias,
                              energy.global_out, num_samples, samples, use_logq, reduction, generator, backend,
@@ -453,7 +454,9 @@ def regression_loss(energy: EnergyNet, x: Tensor, probs: Tensor, labels: Tensor,
     """DVN-style regression loss of the loss-net: BCEWithLogits(s(x, p), soft-F1(p, y*)).
     Pass probs detached to train only the energy (SEAL's loss-net update)."""
     _check_energy_inputs(energy, x, "probs", probs, labels)
-    return _ref.regression_loss(energy.score(x, probs), probs, labels, reduction=_reduction(reduction))
+    score, probs, labels = _oplib.loss_inputs(energy.score(x, probs.to(x.dtype)), probs, labels)
+    with _oplib.autocast_off(x.device):
+        return _ref.regression_loss(score, probs, labels, reduction=_reduction(reduction))
 
 
 def margin_loss(energy: EnergyNet, x: Tensor, labels: Tensor, cost_augmented: Tensor, *,
@@ -477,12 +480,16 @@ def margin_loss(energy: EnergyNet, x: Tensor, labels: Tensor, cost_augmented: Te
         _check_values("prediction", prediction)
     dfn = _ref.manhattan_delta if delta == "manhattan" else _ref.soft_f1_delta
     f = energy.features(x)
-    y_star = labels.to(cost_augmented.dtype)
-    ys = [y_star, cost_augmented] + ([prediction] if prediction is not None else [])
+    # Labels and relaxed label vectors are scored in the features' dtype (any floating dtype is taken).
+    cost_augmented = cost_augmented.to(f.dtype)
+    y_star = labels.to(f.dtype)
+    ys = [y_star, cost_augmented] + ([prediction.to(f.dtype)] if prediction is not None else [])
     scores = energy.score_from_features(f, torch.stack(ys, dim=1))  # one pass of T for all three
+    scores, cost_augmented, y_star = _oplib.loss_inputs(scores, cost_augmented, y_star)
     s_pred = scores[:, 2] if prediction is not None else None
-    return _ref.margin_loss(scores[:, 0], scores[:, 1], dfn(cost_augmented, y_star), s_pred, lambda_p=lambda_p,
-                            reduction=_reduction(reduction))
+    with _oplib.autocast_off(x.device):
+        return _ref.margin_loss(scores[:, 0], scores[:, 1], dfn(cost_augmented, y_star), s_pred, lambda_p=lambda_p,
+                                reduction=_reduction(reduction))
 
 
 def seal_task_loss(energy: EnergyNet, x: Tensor, logits: Tensor, labels: Tensor, *, weight: float = 1.0,
@@ -501,8 +508,9 @@ def seal_task_loss(energy: EnergyNet, x: Tensor, logits: Tensor, labels: Tensor,
     weight = _validate.number("weight", weight, lo=0.0)
     if variant not in ("score", "regression"):
         raise ValueError(f"variant must be 'score' or 'regression', got {variant!r}")
-    s = energy.score(x, torch.sigmoid(logits))
-    return _ref.task_loss(logits, labels, s, weight=weight, variant=variant, reduction=_reduction(reduction))
+    s, logits, labels = _oplib.loss_inputs(energy.score(x, torch.sigmoid(logits).to(x.dtype)), logits, labels)
+    with _oplib.autocast_off(x.device):
+        return _ref.task_loss(logits, labels, s, weight=weight, variant=variant, reduction=_reduction(reduction))
 
 
 # ---------------------------------------------------------------- SPEN gradient-based inference

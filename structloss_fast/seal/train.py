@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .._train import progress_bar
 from . import losses as S
 from .data import Split, average_precision, example_f1
 
@@ -67,12 +68,6 @@ class History:
     best_epoch: int = -1
     best_val_f1: float = float("-inf")
     seconds: float = 0.0
-
-
-def _tqdm(iterable, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kw)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator):
@@ -140,7 +135,7 @@ class _Trainer:
 
     def run(self, epoch_fn: Callable[[int], float]) -> History:
         t0 = time.perf_counter()
-        bar = _tqdm(range(self.cfg.epochs), desc=self.name, disable=not self.cfg.progress, leave=False)
+        bar = progress_bar(desc=self.name, enabled=self.cfg.progress, iterable=range(self.cfg.epochs))
         for epoch in bar:
             for m in self.modules:
                 m.train()
@@ -159,6 +154,7 @@ class _Trainer:
             bar.set_postfix(loss=f"{loss:.3g}", val_f1=f"{f1:.4f}", best=f"{self.hist.best_val_f1:.4f}")
             if self.bad_epochs >= self.cfg.patience:
                 break
+        bar.close()
         if self.best_state is not None:
             for m, s in zip(self.modules, self.best_state):
                 m.load_state_dict(s)
@@ -268,7 +264,7 @@ def pretrain_loss_net(energy: S.EnergyNet, data: dict, cfg: TrainConfig = TrainC
     e_opt = _adamw(energy, cfg.energy_lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     sample_gen = torch.Generator().manual_seed(cfg.seed + 3)
-    bar = _tqdm(range(epochs), desc=f"pre-train loss-net ({loss})", disable=not cfg.progress, leave=False)
+    bar = progress_bar(desc=f"pre-train loss-net ({loss})", enabled=cfg.progress, iterable=range(epochs))
     for _ in bar:
         energy.train()
         sampler.train()
@@ -322,7 +318,7 @@ def train_spen(energy: S.EnergyNet, data: dict, cfg: TrainConfig = TrainConfig()
     x, y = data["train"]
     e_opt = _adamw(energy, cfg.energy_lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    bar = _tqdm(range(pretrain_epochs), desc="SPEN local pre-training", disable=not cfg.progress, leave=False)
+    bar = progress_bar(desc="SPEN local pre-training", enabled=cfg.progress, iterable=range(pretrain_epochs))
     for _ in bar:
         energy.train()
         for idx in _batches(x.shape[0], cfg.batch_size, gen):

@@ -13,16 +13,27 @@ same graph (retain_graph=True), a differentiable backward (create_graph=True) or
 by torch.compile recompute it from the saved row statistics, or scale out of place.
 linear_softmax_loss: the forward accumulates the gradients of the unit-weight sum of the row
 losses, (N, H), (C, H) and (C,), which the backward scales out of place.
+
+softmax_loss also takes class-probability targets (N, C) (identity transform only): the row loss
+is then sum_j c_j f_j with c_j = w_j ((1 - ls) t_j + ls / C), and the gradient with respect to
+the targets, (1 - ls) w_j f_j per row weight, is formed here from the saved log-sum-exp.
+
+Higher-order gradients (create_graph=True) are exact: the gradient is then the reference's, in
+differentiable torch ops on the op's own inputs (dense N x C, as the reference is).
+Under autocast the ops compute where F.cross_entropy and F.linear would: the loss in float32,
+the fused linear's products in the autocast dtype.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _oplib, _registry
 from .._ids import SoftmaxParam, SoftmaxStat, SoftmaxTransform
+from . import reference as _ref
 
 OP = "softmax_loss"
 LINEAR_OP = "linear_softmax_loss"
@@ -35,6 +46,7 @@ TRANSFORMS = {
     "arcface": SoftmaxTransform.ARC_FACE,
     "circle": SoftmaxTransform.CIRCLE_CLASS,
 }
+_KIND = {int(v): k for k, v in TRANSFORMS.items()}
 
 
 def make_params(log_end, bonus_weight, label_smoothing, eps, t0=0.0, t1=0.0) -> list[float]:
@@ -53,7 +65,8 @@ def acc_dtype(dtype):
 
 def _fake_forward(logits, target, class_weight, ignore_index, transform, params, compute_grad):
     torch._check(logits.dim() == 2, lambda: "logits must be (N, C)")
-    torch._check(target.shape == (logits.shape[0],), lambda: "target must be (N,)")
+    torch._check(target.shape == (logits.shape[0],) or target.shape == logits.shape,
+                 lambda: "target must be (N,) class indices or (N, C) class probabilities")
     N, C = logits.shape
     stats = logits.new_empty((N, NUM_STATS), dtype=acc_dtype(logits.dtype))
     grad = logits.new_empty((N if compute_grad else 0, C))
@@ -115,22 +128,81 @@ def _setup_context(ctx, inputs, output):
     ctx.spec = (int(ignore_index), int(transform), [float(p) for p in params])
 
 
+def reference_rows(raw: Tensor, target: Tensor, class_weight: Optional[Tensor], ignore_index: int, transform: int,
+                   params) -> Tensor:
+    """The row losses of an op's inputs by the reference: the differentiable twin of the kernels."""
+    p = {k: params[k] for k in SoftmaxParam}
+    logits = raw
+    if transform != SoftmaxTransform.IDENTITY:
+        logits = _ref.margin_logits(raw, target, _KIND[transform], p[SoftmaxParam.T0], p[SoftmaxParam.T1],
+                                    ignore_index)
+    return _ref.row_losses(logits, target, log_end=p[SoftmaxParam.LOG_END], bonus_weight=p[SoftmaxParam.RHO],
+                           weight=class_weight, ignore_index=ignore_index, label_smoothing=p[SoftmaxParam.SMOOTH],
+                           eps=p[SoftmaxParam.EPS])[0]
+
+
+def _exact_grads(rows_of, inputs, needs, w):
+    """Gradients of sum_i w_i rows_i with respect to the needed inputs, with a graph (create_graph):
+    rows_of(*inputs) recomputes the rows in plain torch ops, autocast off."""
+    wanted = [t for t, n in zip(inputs, needs) if n]
+    with torch.enable_grad(), torch.autocast(inputs[0].device.type, enabled=False):
+        rows = rows_of(*inputs)
+        grads = iter(torch.autograd.grad(rows, wanted, w.to(rows.dtype), create_graph=True, allow_unused=True))
+    out = []
+    for t, n in zip(inputs, needs):
+        g = next(grads) if n else None
+        out.append(torch.zeros_like(t) if n and g is None else g)
+    return out
+
+
+def _differentiable_backward(ctx, grad_stats, _g_grad):
+    logits, target, class_weight, row_stats = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    if grad_stats is None or not any(needs):
+        return (None,) * 7
+    ignore_index, transform, params = ctx.spec
+    acc = row_stats.dtype
+
+    def rows_of(z, t):
+        return reference_rows(z.to(acc), t, class_weight, ignore_index, transform, params)
+
+    g_logits, g_target = _exact_grads(rows_of, (logits, target), needs, grad_stats[:, SoftmaxStat.ROW_LOSS])
+    return (g_logits, g_target) + (None,) * 5
+
+
+def _target_grad(logits, target, class_weight, row_stats, w, params) -> Tensor:
+    """d(sum_i w_i l_i)/d t of class-probability targets: w_i (1 - ls) w_j f_j, f from the saved LSE."""
+    acc = row_stats.dtype
+    logp = logits.to(acc) - row_stats[:, SoftmaxStat.LSE, None]
+    f = -logp + params[SoftmaxParam.RHO] * _ref.bonus(logp.exp(), -torch.expm1(logp), params[SoftmaxParam.LOG_END],
+                                                      params[SoftmaxParam.EPS])
+    if class_weight is not None:
+        f = f * class_weight.to(acc)
+    return (w.unsqueeze(1) * (1.0 - params[SoftmaxParam.SMOOTH]) * f).to(target.dtype)
+
+
 def _backward(ctx, backward_op, grad_stats, _g_grad):
     logits, target, class_weight, row_stats = ctx.saved_tensors
-    if grad_stats is None or not ctx.needs_input_grad[0]:
+    want_logits, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_stats is None or not (want_logits or want_target):
         return (None,) * 7
     ignore_index, transform, params = ctx.spec
     w = _row_weights(grad_stats, row_stats)
+    g_target = _target_grad(logits, target, class_weight, row_stats, w, params) if want_target else None
     buf = ctx.grad_buf
-    if buf is not None and not _oplib.create_graph():
+    if not want_logits:
+        g = None
+    elif buf is not None:
         # buf holds each row's own gradient: the same products as the recomputing kernel, in
         # place the first time (the buffer is handed out once), out of place under tracing.
         if _tracing(buf):
-            return (buf * w.unsqueeze(1),) + (None,) * 6
-        ctx.grad_buf = None
-        return (buf.mul_(w.unsqueeze(1)),) + (None,) * 6
-    g = backward_op(logits, target, class_weight, row_stats, w, ignore_index, transform, params)
-    return (g,) + (None,) * 6
+            g = buf * w.unsqueeze(1)
+        else:
+            ctx.grad_buf = None
+            g = buf.mul_(w.unsqueeze(1))
+    else:
+        g = backward_op(logits, target, class_weight, row_stats, w, ignore_index, transform, params)
+    return (g, g_target) + (None,) * 5
 
 
 def _setup_linear_context(ctx, inputs, output):
@@ -153,7 +225,7 @@ def _linear_backward(ctx, backward_op, grad_stats, _g_gx, _g_gw, _g_gb):
         return (None,) * 11
     w = _row_weights(grad_stats, row_stats)
     grads = ctx.grads
-    if grads is not None and all(m or not n for m, n in zip(grad_mask, need)) and not _oplib.create_graph():
+    if grads is not None and all(m or not n for m, n in zip(grad_mask, need)):
         # The forward's gradients of the unit-weight sum: the input's row by row, the weight's and
         # bias's summed over rows, which only reductions weighting every row alike (mean, sum)
         # ask for: row 0's weight is theirs. Scaled out of place (retain_graph, reentrancy).
@@ -167,13 +239,44 @@ def _linear_backward(ctx, backward_op, grad_stats, _g_gx, _g_gw, _g_gb):
     return out[0], out[1], out[2], None, None, None, None, None, None, None, None
 
 
+def _linear_differentiable_backward(ctx, grad_stats, _g_gx, _g_gw, _g_gb):
+    input, weight, bias, target, class_weight, row_stats = ctx.saved_tensors
+    ignore_index, transform, params = ctx.spec[:3]
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    if grad_stats is None or not any(needs):
+        return (None,) * 11
+    acc = row_stats.dtype
+
+    def rows_of(x, W, b):
+        logits = F.linear(x.to(acc), W.to(acc), None if b is None else b.to(acc))
+        return reference_rows(logits, target, class_weight, ignore_index, transform, params)
+
+    gx, gw, gb = _exact_grads(rows_of, (input, weight, bias), needs, grad_stats[:, SoftmaxStat.ROW_LOSS])
+    return (gx, gw, gb) + (None,) * 8
+
+
+def _linear_autocast(args, autocast_dtype):
+    """Under autocast: the products in the autocast dtype (F.linear's rule), the loss in float32
+    (F.cross_entropy's): input, weight and bias in autocast_dtype, class weights in float32."""
+    input, weight, bias, target, class_weight = args[:5]
+    products = _oplib.cast_floats((input, weight, bias), autocast_dtype)
+    return (*products, target, _oplib.cast_floats(class_weight, torch.float32, low_only=True)) + tuple(args[5:])
+
+
+# Public name of the loss each transform serves (for the error messages).
+_NAMES = {int(SoftmaxTransform.IDENTITY): "encouraging_loss", int(SoftmaxTransform.NORM_FACE): "normface_loss",
+          int(SoftmaxTransform.COS_FACE): "cosface_loss", int(SoftmaxTransform.ARC_FACE): "arcface_loss",
+          int(SoftmaxTransform.CIRCLE_CLASS): "circle_class_loss"}
+
 SOFTMAX_OP = _oplib.LossOp(
     OP, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_backward,
-    what="the row-softmax losses", triton=("structloss_fast.softmax._triton", "forward", "backward"),
+    differentiable_backward=_differentiable_backward, autocast=_oplib.to_float32,
+    what=lambda *inputs: _NAMES[inputs[6]], triton=("structloss_fast.softmax._triton", "forward", "backward"),
 )
 LINEAR_SOFTMAX_OP = _oplib.LossOp(
     LINEAR_OP, fake=_fake_linear_forward, backward_fake=_fake_linear_backward, setup_context=_setup_linear_context,
-    backward=_linear_backward, what="the fused linear row-softmax losses",
+    backward=_linear_backward, differentiable_backward=_linear_differentiable_backward, autocast=_linear_autocast,
+    what=lambda *inputs: "linear_" + _NAMES[inputs[8]] if inputs[8] == SoftmaxTransform.IDENTITY else _NAMES[inputs[8]],
     triton=("structloss_fast.softmax._triton", "linear_forward", "linear_backward"),
 )
 
@@ -185,7 +288,10 @@ for _op in (OP, LINEAR_OP):
 
 
 def mean_denominator(target: Tensor, class_weight: Optional[Tensor], ignore_index: int, C: int, dtype) -> Tensor:
-    """Sum of the target class weights of the non-ignored rows (1 when that is 0), on device."""
+    """Sum of the target class weights of the non-ignored rows (1 when that is 0), on device;
+    the number of rows for class-probability targets (F.cross_entropy's)."""
+    if target.is_floating_point():
+        return torch.full((), target.shape[0], dtype=dtype, device=target.device).clamp_min(1)
     valid = target != ignore_index
     if class_weight is None:
         denom = valid.sum().to(dtype)
@@ -199,7 +305,7 @@ def reduce(row_stats: Tensor, target: Tensor, class_weight: Optional[Tensor], ig
            reduction: str) -> Tensor:
     """The loss from the row statistics, for every backend, as F.cross_entropy reduces: the row
     losses ("none"), their sum, or their sum over the summed class weights of the non-ignored
-    targets ("mean"; 0 when every target is ignored)."""
+    targets ("mean"; 0 when every target is ignored; over the rows for probability targets)."""
     rows = row_stats[:, SoftmaxStat.ROW_LOSS]
     if reduction == "none":
         return rows

@@ -48,8 +48,8 @@ MODE_FORWARD, MODE_BACKWARD = 0, 1
 FORWARD: tl.constexpr = tl.constexpr(MODE_FORWARD)
 # The kernel's scalar parameters, in the order of its *_b arguments (derived from the op's
 # params in float64 on the host, see _scalars, and passed as exact doubles, f64_bits).
-SCALARS = ("log_end", "rho", "ls", "eps", "log_eps", "log1m_le", "inv_1m_le", "t0", "t1", "cos_m", "sin_m", "arc_th",
-           "arc_mm")
+EL_SCALARS = ("log_end", "rho", "ls", "eps", "log_eps", "log1m_le", "inv_1m_le")  # the Encouraging Loss's
+SCALARS = EL_SCALARS + ("t0", "t1", "cos_m", "sin_m", "arc_th", "arc_mm")         # ... and the transform's
 
 
 def _entry(dtypes, max_c, block, warps):
@@ -161,18 +161,52 @@ def _small_class_terms(p, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_L
 
 
 @triton.jit
+def _online_max_sumexp(z, valid, m, s_below, n, ACC: tl.constexpr):
+    """One block of the online max / sum-exp: z (-inf where not valid) merged into the running
+    max m, the sum of exp(z - m) below it, and the count n of entries at it (kept apart so that
+    the largest class's 1 - p is formed from the others' sum)."""
+    bmax = tl.max(z, 0)
+    grow = bmax > m
+    s_below = tl.where(grow, (s_below + n.to(ACC)) * tl.exp(m - tl.where(grow, bmax, m)), s_below)
+    n = tl.where(grow, 0, n)
+    m = tl.where(grow, bmax, m)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    at = (z == m) & valid
+    s_below += tl.sum(tl.where(at, 0.0, tl.exp(z - shift)), 0)
+    n += tl.sum(at.to(tl.int32), 0)
+    return m, s_below, n
+
+
+@triton.jit
+def _el_scalars(log_end_b, rho_b, ls_b, eps_b, log_eps_b, log1m_le_b, inv_1m_le_b, ACC: tl.constexpr):
+    """The Encouraging Loss's scalars, passed as the bits of doubles (f64_bits): exact in the
+    float64 path."""
+    return (f64(log_end_b).to(ACC), f64(rho_b).to(ACC), f64(ls_b).to(ACC), f64(eps_b).to(ACC),
+            f64(log_eps_b).to(ACC), f64(log1m_le_b).to(ACC), f64(inv_1m_le_b).to(ACC))
+
+
+@triton.jit
+def _store_stats(st, L, loss, S, g_y, g_hi, m_o, n_o, mx, log_s, ACC: tl.constexpr):
+    """One row's SoftmaxStat columns."""
+    tl.store(st + ST_LSE, L)
+    tl.store(st + ST_ROW_LOSS, loss)
+    tl.store(st + ST_S, S)
+    tl.store(st + ST_GRAD_Y, g_y)
+    tl.store(st + ST_GRAD_HI, g_hi)
+    tl.store(st + ST_MAX_OTHER, m_o)
+    tl.store(st + ST_COUNT_MAX, n_o.to(ACC))
+    tl.store(st + ST_MAX, mx)
+    tl.store(st + ST_LOG_SUM, log_s)
+
+
+@triton.jit
 def _el_row_kernel(X, Y, CW, STATS, G, RS, stride_x, stride_g, stride_rs, C, ignore_index, log_end_b, rho_b, ls_b,
                    eps_b, log_eps_b, log1m_le_b, inv_1m_le_b, t0_b, t1_b, cos_m_b, sin_m_b, arc_th_b, arc_mm_b,
                    K: tl.constexpr, MODE: tl.constexpr, HAS_LE: tl.constexpr, LS: tl.constexpr,
                    HAS_W: tl.constexpr, WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     # Scalar parameters arrive as the bits of doubles (f64_bits): exact in the float64 path.
-    log_end = f64(log_end_b).to(ACC)
-    rho = f64(rho_b).to(ACC)
-    ls = f64(ls_b).to(ACC)
-    eps = f64(eps_b).to(ACC)
-    log_eps = f64(log_eps_b).to(ACC)
-    log1m_le = f64(log1m_le_b).to(ACC)
-    inv_1m_le = f64(inv_1m_le_b).to(ACC)
+    log_end, rho, ls, eps, log_eps, log1m_le, inv_1m_le = _el_scalars(
+        log_end_b, rho_b, ls_b, eps_b, log_eps_b, log1m_le_b, inv_1m_le_b, ACC)
     t0 = f64(t0_b).to(ACC)
     t1 = f64(t1_b).to(ACC)
     cos_m = f64(cos_m_b).to(ACC)
@@ -204,16 +238,7 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, stride_x, stride_g, stride_rs, C, ign
             valid = ok & (cols != y)
             r = tl.load(x_row + cols, mask=ok, other=0.0).to(ACC)
             z = tl.where(valid, _other(r, K, t0, t1), float("-inf"))
-            bmax = tl.max(z, 0)
-            grow = bmax > m_o
-            s_below = tl.where(grow, (s_below + n_o.to(ACC)) * tl.exp(m_o - tl.where(grow, bmax, m_o)), s_below)
-            n_o = tl.where(grow, 0, n_o)
-            m_o = tl.where(grow, bmax, m_o)
-            shift = tl.where(m_o == float("-inf"), 0.0, m_o)
-            at = (z == m_o) & valid
-            e = tl.exp(z - shift)
-            s_below += tl.sum(tl.where(at, 0.0, e), 0)
-            n_o += tl.sum(at.to(tl.int32), 0)
+            m_o, s_below, n_o = _online_max_sumexp(z, valid, m_o, s_below, n_o, ACC)
         # ---- merge the target, L, p and q without cancellation
         z_y = _target(raw_y, K, t0, t1, cos_m, sin_m, arc_th, arc_mm)
         mx = tl.where(z_y > m_o, z_y, m_o)
@@ -280,15 +305,7 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, stride_x, stride_g, stride_rs, C, ign
         n_o = tl.where(ignored, 0, n_o)
         mx = tl.where(ignored, zero, mx)
         log_s = tl.where(ignored, zero, log_s)
-        tl.store(st + ST_LSE, L)
-        tl.store(st + ST_ROW_LOSS, loss)
-        tl.store(st + ST_S, S)
-        tl.store(st + ST_GRAD_Y, g_y)
-        tl.store(st + ST_GRAD_HI, g_hi)
-        tl.store(st + ST_MAX_OTHER, m_o)
-        tl.store(st + ST_COUNT_MAX, n_o.to(ACC))
-        tl.store(st + ST_MAX, mx)
-        tl.store(st + ST_LOG_SUM, log_s)
+        _store_stats(st, L, loss, S, g_y, g_hi, m_o, n_o, mx, log_s, ACC)
     else:
         S = tl.load(st + ST_S).to(ACC)
         mx = tl.load(st + ST_MAX).to(ACC)
@@ -322,6 +339,88 @@ def _el_row_kernel(X, Y, CW, STATS, G, RS, stride_x, stride_g, stride_rs, C, ign
             g = tl.where(cols == y, tg, g) * sc
             g = tl.where(ignored, 0.0, tl.where(bad, float("nan"), g))
             tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _el_prob_row_kernel(X, T, CW, STATS, G, RS, stride_x, stride_t, stride_g, stride_rs, C, log_end_b, rho_b, ls_b,
+                        eps_b, log_eps_b, log1m_le_b, inv_1m_le_b,
+                        MODE: tl.constexpr, HAS_LE: tl.constexpr, HAS_W: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                        ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Class-probability targets T (rows x C, identity transform): the row loss sum_j c_j f_j with
+    c_j = w_j ((1 - ls) t_j + ls / C), the gradient p_j S - c_j h_j; the unique largest logit takes
+    its q from the other classes' sum (csrc/cpu/softmax.cpp's prob rows, line for line)."""
+    log_end, rho, ls, eps, log_eps, log1m_le, inv_1m_le = _el_scalars(
+        log_end_b, rho_b, ls_b, eps_b, log_eps_b, log1m_le_b, inv_1m_le_b, ACC)
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    t_row = T + row * stride_t
+    offs = tl.arange(0, BLOCK)
+    keep = 1.0 - ls
+    lsC = ls / C
+    st = STATS + row * NUM_STATS
+    if MODE == FORWARD:
+        mx = tl.full((), float("-inf"), ACC)
+        s_below = tl.zeros((), ACC)
+        n_m = tl.zeros((), tl.int32)
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + offs
+            ok = cols < C
+            z = tl.load(x_row + cols, mask=ok, other=float("-inf")).to(ACC)
+            mx, s_below, n_m = _online_max_sumexp(z, ok, mx, s_below, n_m, ACC)
+        s_all = s_below + n_m.to(ACC)
+        log_s = tl.log(s_all)
+        has_hi = n_m == 1
+        a_acc = tl.zeros((BLOCK,), ACC)
+        f_acc = tl.zeros((BLOCK,), ACC)
+        c_acc = tl.zeros((BLOCK,), ACC)
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + offs
+            ok = cols < C
+            z = tl.load(x_row + cols, mask=ok, other=0.0).to(ACC)
+            t = tl.load(t_row + cols, mask=ok, other=0.0).to(ACC)
+            d = (z - mx) - log_s
+            b, h = _small_class_terms(tl.exp(d), log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE)
+            if HAS_W:
+                w = tl.load(CW + cols, mask=ok, other=0.0).to(ACC)
+            else:
+                w = tl.zeros_like(z) + 1.0
+            c = w * (keep * t + lsC)
+            hi = has_hi & (z == mx) & ok
+            small = ok & (~hi)
+            a_acc += tl.where(small, c * h, 0.0)
+            f_acc += tl.where(small, c * (rho * b - d), 0.0)
+            c_acc += tl.where(hi, c, 0.0)
+        sum_ch = tl.sum(a_acc, 0)
+        c_hi = tl.sum(c_acc, 0)
+        p_hi = 1.0 / s_all
+        q_hi = s_below / s_all
+        b_hi, h_hi, hq_hi = _bonus(p_hi, q_hi, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE)
+        S = sum_ch + tl.where(has_hi, c_hi * h_hi, 0.0)
+        g_hi = tl.where(has_hi, p_hi * sum_ch - c_hi * hq_hi, 0.0)
+        loss = tl.sum(f_acc, 0) + tl.where(has_hi, c_hi * (log_s + rho * b_hi), 0.0)
+        _store_stats(st, mx + log_s, loss, S, tl.zeros_like(S), g_hi, mx, n_m, mx, log_s, ACC)
+    else:
+        S = tl.load(st + ST_S).to(ACC)
+        mx = tl.load(st + ST_MAX).to(ACC)
+        log_s = tl.load(st + ST_LOG_SUM).to(ACC)
+        g_hi = tl.load(st + ST_GRAD_HI).to(ACC)
+        has_hi = tl.load(st + ST_COUNT_MAX).to(tl.int32) == 1
+    if WRITE_GRAD:
+        sc = tl.load(RS + row * stride_rs).to(ACC)
+        g_row = G + row * stride_g
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + offs
+            ok = cols < C
+            z = tl.load(x_row + cols, mask=ok, other=0.0).to(ACC)
+            t = tl.load(t_row + cols, mask=ok, other=0.0).to(ACC)
+            p = tl.exp((z - mx) - log_s)
+            _, h = _small_class_terms(p, log_end, rho, eps, log_eps, log1m_le, inv_1m_le, HAS_LE)
+            if HAS_W:
+                w = tl.load(CW + cols, mask=ok, other=0.0).to(ACC)
+            else:
+                w = tl.zeros_like(z) + 1.0
+            g = tl.where(has_hi & (z == mx), g_hi, p * S - w * (keep * t + lsC) * h)
+            tl.store(g_row + cols, (g * sc).to(G.dtype.element_ty), mask=ok)
 
 
 def _scalars(transform: int, params):
@@ -360,11 +459,21 @@ def _launch(x, target, class_weight, stats, grad, row_scale, ignore_index, trans
     write = grad is not None
     g = grad if write else x
     rs = row_scale if row_scale is not None else stats
+    stride_rs = row_scale.stride(0) if row_scale is not None and row_scale.dim() == 1 and row_scale.shape[0] > 1 else 0
+    if target.dim() == 2:  # class probabilities (identity transform, checked by the caller)
+        t = rows_layout(target.to(x.dtype))
+        launch(
+            _el_prob_row_kernel, (N,),
+            x, t, cw, stats, g, rs, x.stride(0), t.stride(0), g.stride(0) if write else 0, stride_rs, C,
+            *(f64_bits(sc[k]) for k in EL_SCALARS),
+            MODE=mode, HAS_LE=has_le, HAS_W=class_weight is not None, WRITE_GRAD=write,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=entry.block("BLOCK"),
+            num_warps=entry.num_warps, num_stages=entry.num_stages,
+        )
+        return
     launch(
         _el_row_kernel, (N,),
-        x, target, cw, stats, g, rs, x.stride(0), g.stride(0) if write else 0,
-        row_scale.stride(0) if row_scale is not None and row_scale.dim() == 1 and row_scale.shape[0] > 1 else 0,
-        C, ignore_index, *(f64_bits(sc[k]) for k in SCALARS),
+        x, target, cw, stats, g, rs, x.stride(0), g.stride(0) if write else 0, stride_rs, C, ignore_index, *(f64_bits(sc[k]) for k in SCALARS),
         K=transform, MODE=mode, HAS_LE=has_le, LS=has_ls, HAS_W=class_weight is not None, WRITE_GRAD=write,
         ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=entry.block("BLOCK"),
         num_warps=entry.num_warps, num_stages=entry.num_stages,
@@ -523,4 +632,13 @@ def aot_configs(full: bool = False):
                                  f"transform={SoftmaxTransform(transform).name.lower()} mode={mode}")
                         out.append(AotConfig(_el_row_kernel, sig, consts, entry.num_warps, entry.num_stages,
                                              ("X", "Y", "CW", "STATS", "G", "RS", "stride_x", "stride_g", "C"), label))
+            # class-probability targets (identity transform)
+            sig = {"X": f"*{dt}", "T": f"*{dt}", "CW": f"*{acc}", "STATS": f"*{acc}", "G": f"*{dt}", "RS": f"*{acc}",
+                   "stride_x": "i32", "stride_t": "i32", "stride_g": "i32", "stride_rs": "i32", "C": "i32",
+                   **{f"{k}_b": "i64" for k in EL_SCALARS}}
+            consts = dict(MODE=MODE_FORWARD, HAS_LE=True, HAS_W=True, WRITE_GRAD=True,
+                          ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=entry.block("BLOCK"))
+            out.append(AotConfig(_el_prob_row_kernel, sig, consts, entry.num_warps, entry.num_stages,
+                                 ("X", "T", "CW", "STATS", "G", "RS", "stride_x", "stride_t", "stride_g", "C"),
+                                 f"{entry.describe()} logits={dt} class-probability targets"))
     return out

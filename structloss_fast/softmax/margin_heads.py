@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _registry, _validate
+from .. import _oplib, _registry, _validate
 from .._module import LossModule
 from . import _ops
 from . import reference as _ref
@@ -41,7 +41,7 @@ ARCFACE_DEFAULT_MARGIN = math.radians(28.6)  # PML's default, 0.4992 rad
 
 def _margin_loss(kind, embeddings, proxies, labels, t0, t1, *, weight, log_end, bonus_weight, ignore_index, reduction,
                  label_smoothing, eps, fused, backend):
-    log_end, bonus_weight, label_smoothing, eps = check_el_options(
+    log_end, bonus_weight, label_smoothing, eps, ignore_index = check_el_options(
         log_end, bonus_weight, label_smoothing, eps, ignore_index, reduction)
     _validate.tensor("embeddings", embeddings, ndim=2, floating=True)
     _validate.tensor("proxies", proxies, ndim=2, floating=True)
@@ -50,8 +50,6 @@ def _margin_loss(kind, embeddings, proxies, labels, t0, t1, *, weight, log_end, 
     if proxies.shape[1] != embeddings.shape[1]:
         raise ValueError(f"proxies must be (num_classes, D) with D={embeddings.shape[1]} (the embedding size), "
                          f"got shape {tuple(proxies.shape)}")
-    if proxies.dtype != embeddings.dtype:
-        raise TypeError(f"proxies must have the embeddings' dtype {embeddings.dtype}, got {proxies.dtype}")
     if proxies.shape[0] == 0:
         raise ValueError("proxies must have at least one class (row)")
     C = proxies.shape[0]
@@ -59,10 +57,17 @@ def _margin_loss(kind, embeddings, proxies, labels, t0, t1, *, weight, log_end, 
     _validate.same_device(embeddings=embeddings, proxies=proxies, labels=labels, weight=weight)
     check_target_range(labels, C, ignore_index, name="labels")
     chosen = _registry.resolve(_ops.LINEAR_OP if fused else _ops.OP, backend, embeddings.device)
+    # Embeddings and proxies may differ in dtype (bfloat16 activations, float32 proxies): both are
+    # taken in the promoted dtype (the products under autocast in the autocast dtype).
+    dtype = _oplib.loss_dtype(embeddings, proxies)
+    compute = torch.promote_types(embeddings.dtype, proxies.dtype)
+    embeddings, proxies = embeddings.to(compute), proxies.to(compute)
     if chosen == "reference":
-        return _ref.margin_loss(kind, embeddings, proxies, labels, t0, t1, log_end=log_end, bonus_weight=bonus_weight,
-                                weight=weight, ignore_index=ignore_index, reduction=reduction,
-                                label_smoothing=label_smoothing, eps=eps)
+        embeddings, proxies, weight = _oplib.loss_inputs(embeddings, proxies, weight)  # (float32 under autocast)
+        with _oplib.autocast_off(embeddings.device):
+            return _ref.margin_loss(kind, embeddings, proxies, labels, t0, t1, log_end=log_end,
+                                    bonus_weight=bonus_weight, weight=weight, ignore_index=ignore_index,
+                                    reduction=reduction, label_smoothing=label_smoothing, eps=eps).to(dtype)
     params = _ops.make_params(log_end, bonus_weight, label_smoothing, eps, t0, t1)
     transform = _ops.TRANSFORMS[kind]
     labels64 = labels.to(torch.int64)
@@ -73,7 +78,7 @@ def _margin_loss(kind, embeddings, proxies, labels, t0, t1, *, weight, log_end, 
     cos = x @ w.T
     compute_grad = torch.is_grad_enabled() and cos.requires_grad
     stats = _ops.run(chosen, cos, labels64, weight, ignore_index, transform, params, compute_grad)
-    return _ops.reduce(stats, labels64, weight, ignore_index, C, reduction).to(embeddings.dtype)
+    return _ops.reduce(stats, labels64, weight, ignore_index, C, reduction).to(dtype)
 
 
 _COMMON_DOC = """

@@ -8,6 +8,9 @@ Dense N x C tensors, plain autograd, in the input's dtype.
   (the authors' image-classification label smoothing, which is torch's at rho = 0); reductions
   and the "mean" denominator (sum of the target class weights over non-ignored rows) are
   F.cross_entropy's, except that an all-ignored (or zero-weight) batch gives 0, not NaN.
+- Class-probability targets t (F.cross_entropy's second form, same shape as the logits): the
+  row loss is sum_j w_j ((1 - ls) t_j + ls / C) f_j, the form label smoothing already has (at
+  rho = 0, F.cross_entropy's); "mean" divides by the number of rows (0 for none).
 - Margin heads: cos_j = x^ . w^_j, a logit transform (NormFace, CosFace, ArcFace, class-level
   Circle with detached alphas), then the loss above (cross-entropy at bonus_weight = 0).
 """
@@ -20,14 +23,20 @@ import torch.nn.functional as F
 
 
 def flatten_rows(input: torch.Tensor, target: torch.Tensor):
-    """(N, C, d1, ...) -> (N * d1 * ..., C) rows, like F.cross_entropy's K-dimensional case."""
+    """(N, C, d1, ...) -> (N * d1 * ..., C) rows, like F.cross_entropy's K-dimensional case;
+    class-probability targets (input's shape) are flattened alike. Also returns the shape of a
+    "none" result."""
+    probs = target.is_floating_point()
     if input.dim() == 1:
-        return input.unsqueeze(0), target.reshape(1), ()
+        return input.unsqueeze(0), target.reshape(1, -1) if probs else target.reshape(1), ()
     if input.dim() == 2:
         return input, target, (input.shape[0],)
     C = input.shape[1]
     rows = input.movedim(1, -1).reshape(-1, C)
-    return rows, target.reshape(-1), tuple(target.shape)
+    out_shape = (input.shape[0],) + tuple(input.shape[2:])
+    if probs:
+        return rows, target.movedim(1, -1).reshape(-1, C), out_shape
+    return rows, target.reshape(-1), out_shape
 
 
 def bonus(p: torch.Tensor, q: torch.Tensor, log_end: float, eps: float) -> torch.Tensor:
@@ -39,17 +48,27 @@ def bonus(p: torch.Tensor, q: torch.Tensor, log_end: float, eps: float) -> torch
     return b
 
 
-def row_losses(logits, target, *, log_end=0.75, bonus_weight=1.0, weight=None, ignore_index=-100,
-               label_smoothing=0.0, eps=1e-5):
-    """Unreduced EL of (N, C) logits: (row losses (N,), target class weights of the counted rows (N,))."""
-    N, C = logits.shape
-    ignored = target == ignore_index
-    safe_target = torch.where(ignored, torch.zeros_like(target), target)
+def class_losses(logits, *, log_end=0.75, bonus_weight=1.0, eps=1e-5):
+    """f_j = -log p_j + rho b(p_j) of every class, (N, C)."""
     logp = torch.log_softmax(logits, dim=1)
     p = logp.exp()
     q = -torch.expm1(logp)
-    f = -logp + bonus_weight * bonus(p, q, log_end, eps)  # (N, C): the loss of each class
+    return -logp + bonus_weight * bonus(p, q, log_end, eps)
+
+
+def row_losses(logits, target, *, log_end=0.75, bonus_weight=1.0, weight=None, ignore_index=-100,
+               label_smoothing=0.0, eps=1e-5):
+    """Unreduced EL of (N, C) logits for class indices (N,) or class probabilities (N, C):
+    (row losses (N,), what each row adds to the "mean" denominator (N,))."""
+    N, C = logits.shape
+    f = class_losses(logits, log_end=log_end, bonus_weight=bonus_weight, eps=eps)  # (N, C): each class's loss
     w = torch.ones(C, dtype=logits.dtype, device=logits.device) if weight is None else weight.to(logits.dtype)
+    if target.is_floating_point():
+        c = w * ((1.0 - label_smoothing) * target.to(logits.dtype) + label_smoothing / C)
+        return (c * f).sum(dim=1), torch.ones(N, dtype=logits.dtype, device=logits.device)
+    target = target.long()  # any integer dtype (a uint8 tensor would index as a mask)
+    ignored = target == ignore_index
+    safe_target = torch.where(ignored, torch.zeros_like(target), target)
     w_y = w[safe_target]
     loss = (1.0 - label_smoothing) * w_y * f.gather(1, safe_target[:, None]).squeeze(1)
     if label_smoothing > 0:
@@ -71,7 +90,7 @@ def reduce(rows, w_y, reduction):
 
 def encouraging_loss(input, target, *, log_end=0.75, bonus_weight=1.0, weight=None, ignore_index=-100,
                      reduction="mean", label_smoothing=0.0, eps=1e-5):
-    """Encouraging Loss with F.cross_entropy's interface (class-index targets)."""
+    """Encouraging Loss with F.cross_entropy's interface (class indices or class probabilities)."""
     rows, tgt, out_shape = flatten_rows(input, target)
     losses, w_y = row_losses(rows, tgt, log_end=log_end, bonus_weight=bonus_weight, weight=weight,
                              ignore_index=ignore_index, label_smoothing=label_smoothing, eps=eps)
@@ -91,6 +110,7 @@ def cosine_logits(embeddings, class_weight):
 
 def margin_logits(cos, target, kind, t0, t1, ignore_index=-100):
     """The heads' logit transforms of the spec; the target class gets its own formula."""
+    target = target.long()
     valid = target != ignore_index
     onehot = F.one_hot(torch.where(valid, target, torch.zeros_like(target)), cos.shape[1]).bool() & valid[:, None]
     if kind == "normface":

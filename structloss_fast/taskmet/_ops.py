@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _ext, _registry
+from .. import _ext, _oplib, _registry
 
 STATUS_DTYPE = torch.uint8
 PRECONDITIONERS = ("none", "diag", "dense", "callable")
@@ -96,6 +96,8 @@ if _ext.extension_loaded():
     torch.library.register_fake("structloss_fast::cg_dense")(_fake_dense)
     torch.library.register_fake("structloss_fast::cg_update")(_fake_update)
     torch.library.register_autograd("structloss_fast::cg_dense", _backward_dense, setup_context=_setup_dense)
+    for _op in ("cg_dense", "cg_update"):
+        _oplib.register_autocast(_op)
 
 
 def cg_dense(A, b, x0, precond, ridge: float, rtol: float, atol: float, maxiter: int):

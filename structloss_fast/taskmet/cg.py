@@ -69,24 +69,37 @@ def _check_float(name, t):
 
 
 class _DenseSolveGrad(torch.autograd.Function):
-    """Implicit gradient of a dense solve computed outside the compiled op (reference path)."""
+    """Implicit gradient of a dense solve computed outside the compiled op (reference path).
+    Higher-order gradients are exact: with create_graph the adjoint solve is itself a
+    differentiable solve of the same kind, and the solution is saved as this node's output, so
+    dL/dA = -gb x^T is differentiated through x as well."""
 
     @staticmethod
     def forward(ctx, A, b, x, solve):
-        ctx.save_for_backward(A, x)
+        out = x.view_as(x)
+        ctx.save_for_backward(A, out)
         ctx.solve = solve
-        return x.view_as(x)
+        return out
 
     @staticmethod
     def backward(ctx, grad_x):
         A, x = ctx.saved_tensors
-        gA, gb = _ops.dense_adjoint(A, x, grad_x, ctx.solve, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        plain = ctx.solve
+
+        def differentiable(A_, rhs):
+            return _DenseSolveGrad.apply(A_, rhs, plain(A_, rhs.detach()), plain)
+
+        # create_graph: a solve that autograd can differentiate.
+        solve = differentiable if torch.is_grad_enabled() else plain
+        gA, gb = _ops.dense_adjoint(A, x, grad_x, solve, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return gA, gb, None, None
 
 
 class _OperatorSolveGrad(torch.autograd.Function):
     """dL/db of a matrix-free solve: (A + ridge I)^{-1} dL/dx (A symmetric). Parameters captured
-    by the operator get no gradient here: differentiate through an argmin with implicit_argmin."""
+    by the operator get no gradient here: differentiate through an argmin with implicit_argmin.
+    The adjoint is the same linear solve, so with create_graph it is applied through this
+    Function again (exact higher-order gradients in b)."""
 
     @staticmethod
     def forward(ctx, b, x, solve):
@@ -95,7 +108,10 @@ class _OperatorSolveGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_x):
-        return ctx.solve(grad_x), None, None
+        gb = ctx.solve(grad_x)
+        if torch.is_grad_enabled():
+            gb = _OperatorSolveGrad.apply(grad_x, gb, ctx.solve)
+        return gb, None, None
 
 
 # ---------------------------------------------------------------- drivers

@@ -13,9 +13,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .. import _validate
+from .. import _oplib, _validate
 from .cg import cg
 
 __all__ = ["implicit_argmin", "custom_argmin", "unrolled_argmin", "IMPLICIT_SOLVERS"]
@@ -81,8 +80,15 @@ class _ImplicitArgmin(torch.autograd.Function):
         return tuple(t.detach().clone() for t in tensors[: spec.n_theta])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grad_theta):
+        # Third derivatives of the inner loss would be needed: a second derivative raises, naming
+        # the function (once_differentiable's rule with a message that says which one).
+        with torch.no_grad():
+            grads = _ImplicitArgmin._backward(ctx, *grad_theta)
+        return _oplib.no_second_derivative("implicit_argmin (custom_argmin)", *grads)
+
+    @staticmethod
+    def _backward(ctx, *grad_theta):
         spec: _ImplicitSpec = ctx.spec
         saved = ctx.saved_tensors
         thetas, params = saved[: spec.n_theta], saved[spec.n_theta:]

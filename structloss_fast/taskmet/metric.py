@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _validate
+from .. import _oplib, _validate
 
 __all__ = ["mahalanobis_loss", "MetricNet", "DiagonalMetricNet"]
 
@@ -63,20 +63,23 @@ def mahalanobis_loss(
     _validate.same_device(pred=pred, target=target, metric_factor=metric_factor,
                           eps=eps if isinstance(eps, Tensor) else None)
 
-    d = pred - target
-    if diagonal:
-        per_sample = (metric_factor * d).square().sum(dim=-1)
-    elif metric_factor.dim() == 3:
-        per_sample = torch.einsum("bn,bnr->br", d, metric_factor).square().sum(dim=-1)
-    else:
-        per_sample = (d @ metric_factor).square().sum(dim=-1)
-    if isinstance(eps, Tensor) or eps != 0.0:
-        per_sample = per_sample + eps * d.square().sum(dim=-1)
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    return per_sample
+    # Under autocast: float32, as F.mse_loss (the products would be autocast to 16 bits).
+    pred, target, metric_factor = _oplib.loss_inputs(pred, target, metric_factor)
+    with _oplib.autocast_off(pred.device):
+        d = pred - target
+        if diagonal:
+            per_sample = (metric_factor * d).square().sum(dim=-1)
+        elif metric_factor.dim() == 3:
+            per_sample = torch.einsum("bn,bnr->br", d, metric_factor).square().sum(dim=-1)
+        else:
+            per_sample = (d @ metric_factor).square().sum(dim=-1)
+        if isinstance(eps, Tensor) or eps != 0.0:
+            per_sample = per_sample + eps * d.square().sum(dim=-1)
+        if reduction == "mean":
+            return per_sample.mean()
+        if reduction == "sum":
+            return per_sample.sum()
+        return per_sample
 
 
 class MetricNet(nn.Module):

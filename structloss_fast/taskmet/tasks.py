@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .._train import progress_bar
 from .metric import MetricNet
 from .trainer import TaskMetConfig, TaskMetTrainer
 
@@ -293,9 +294,7 @@ def compare(task: str, *, seeds=(0, 1, 2, 3, 4), config: Optional[TaskMetConfig]
     t0 = time.time()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(seeds) * cfg.outer_steps, desc=f"{task}: TaskMet outer steps", leave=True)
+        bar = progress_bar(len(seeds) * cfg.outer_steps, f"{task}: TaskMet outer steps")
     for seed in seeds:
         problem = TASKS[task](seed, **(task_kwargs or {}))
         trainer = TaskMetTrainer(problem, cfg, generator=torch.Generator().manual_seed(seed))

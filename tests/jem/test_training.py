@@ -375,6 +375,16 @@ def test_ece_hand_computed():
     assert abs(e10.item() - (abs(1 - 0.9) + 2 * abs(0.5 - 0.775) + 2 * abs(0.5 - 0.625)) / 5) < 1e-15
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_ece_non_finite_probabilities_raise_a_named_error(bad):
+    probs = torch.softmax(torch.randn(5, 3), 1)
+    probs[3, 1] = bad
+    with pytest.raises(ValueError, match="probs must be finite .* first in row 3"):
+        jem_eval.expected_calibration_error(probs, torch.tensor([0, 1, 2, 0, 1]))
+    with pytest.raises(ValueError, match="probs must be finite"):
+        jem_eval.reliability_diagram(probs, torch.tensor([0, 1, 2, 0, 1]))
+
+
 def test_ece_matches_loop_definition():
     torch.manual_seed(0)
     probs = torch.softmax(torch.randn(1000, 7) * 2, 1)

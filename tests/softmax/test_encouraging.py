@@ -526,7 +526,11 @@ def test_module_matches_function_and_repr():
         (dict(bonus_weight=float("nan")), ValueError, "bonus_weight must be finite"),
         (dict(y=torch.zeros(3, dtype=torch.long)), ValueError, "target must have shape"),
         (dict(y=torch.zeros(4, 2, dtype=torch.long)), ValueError, "target must have shape"),
-        (dict(y=torch.zeros(4)), TypeError, "target must hold integer class labels"),
+        (dict(y=torch.zeros(4)), ValueError, "class-probability targets .* must have input's shape"),
+        (dict(y=torch.zeros(4, 5, dtype=torch.complex64)), TypeError, "target must hold integer class labels"),
+        (dict(weight=torch.ones(5, requires_grad=True)), ValueError, "weight .* gets no gradient"),
+        (dict(log_end=torch.tensor(0.5, requires_grad=True)), TypeError, "log_end is a constant of the loss"),
+        (dict(bonus_weight=torch.ones(2)), TypeError, "bonus_weight must be a number or a 0-d real tensor"),
         (dict(x=torch.zeros(4, 5, dtype=torch.long)), TypeError, "input must be float16"),
         (dict(weight=torch.ones(4)), ValueError, "weight must have one entry per class"),
         (dict(weight=torch.ones(5, 1)), ValueError, "weight must be 1-D"),
@@ -555,3 +559,27 @@ def test_compiled_op_checks_its_targets():
 def test_unavailable_backend_raises():
     with pytest.raises(slf.BackendUnavailable, match="cuda"):
         slf.encouraging_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), backend="cuda")
+
+
+@pytest.mark.parametrize("backend,device", ALL, ids=ALL_IDS)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_any_integer_target_dtype(backend, device, dtype):
+    """Every backend takes what the kernels take: a uint8 target is class indices (the reference
+    used to index with it as a boolean mask)."""
+    x = torch.randn(4, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 4])
+    expected = slf.encouraging_loss(x, y, backend="reference", reduction="none")
+    out = slf.encouraging_loss(x.to(device), y.to(dtype).to(device), backend=backend, reduction="none")
+    torch.testing.assert_close(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("backend,device", ALL, ids=ALL_IDS)
+def test_numpy_and_tensor_options(backend, device):
+    import numpy as np
+
+    x = torch.randn(4, 5, dtype=torch.float64).to(device)
+    y = torch.tensor([0, 1, 2, 4]).to(device)
+    expected = slf.encouraging_loss(x, y, log_end=0.5, bonus_weight=0.5, label_smoothing=0.1, backend=backend)
+    out = slf.encouraging_loss(x, y, log_end=np.float32(0.5), bonus_weight=torch.tensor(0.5),
+                               label_smoothing=np.float64(0.1), ignore_index=np.int64(-100), backend=backend)
+    torch.testing.assert_close(out, expected)

@@ -163,7 +163,7 @@ def test_modules_hold_parameters_and_repr():
         (dict(scale=0.0), ValueError, "scale must be > 0"),
         (dict(margin=-0.1), ValueError, "margin must be >= 0"),
         (dict(log_end=0.0), ValueError, "log_end must be > 0"),
-        (dict(x=torch.randn(3, 4, dtype=torch.float64)), TypeError, "proxies must have the embeddings' dtype"),
+        (dict(x=torch.zeros(3, 4, dtype=torch.int64)), TypeError, "embeddings must be float16"),
     ],
 )
 def test_bad_input_raises_clear_error(kwargs, exc, match):
