@@ -110,23 +110,38 @@ LOSS_OP = _oplib.LossOp(
 # ---------------------------------------------------------------- backends
 
 
-def _check_supported(backend: str, *, x: Tensor, loss: int):
+def _check_supported(backend: str, *, x: Tensor, loss: int, extended: bool = False, miner: bool = False,
+                     listed: str | None = None):
+    # extended: the params carry the PairExtParam block (a non-default distance or a fused miner);
+    # listed: why the problem needs every pair listed (the pair-list reference, pairwise/tuples.py).
+    if listed:
+        return listed
     if backend == "triton":
+        if extended:
+            return "the Triton kernels take cosine similarities only (no distance= but the loss's default, no fused miner)"
         from . import _triton
 
         return _triton.check_supported(x, loss)
+    if backend == "cuda" and miner:
+        return "fused miners run on the CPU engine"
     return None
 
 
 _registry.declare(_registry.OpSpec(
     OP, family="pairwise", kernels=("cpu", "cuda", "triton"), gpu_order=("triton", "cuda"),
     check_supported=_check_supported,
-    limits={"triton": "the loss is the triplet loss over all triplets, or D > 2048: then cuda"},
+    limits={"triton": "the loss is the triplet loss over all triplets, D > 2048, or distance= is not the loss's "
+                      "default: then cuda",
+            "cuda": "a fused miner: then the miner's tuple is listed and the loss computed on it",
+            "cpu": "a distance other than dot-product similarity (power 1) or an Lp distance with p = 2, or a "
+                   "reducer that needs every pair's loss (DoNothingReducer, a ThresholdReducer other than "
+                   "AvgNonZero on pair losses): then the pair-list reference (pairwise/tuples.py)"},
 ))
 
 
-def resolve(backend: str, x: Tensor, loss: int) -> str:
-    return _registry.resolve(OP, backend, x.device, x=x, loss=loss)
+def resolve(backend: str, x: Tensor, loss: int, extended: bool = False, miner: bool = False,
+            listed: str | None = None) -> str:
+    return _registry.resolve(OP, backend, x.device, x=x, loss=loss, extended=extended, miner=miner, listed=listed)
 
 
 # ---------------------------------------------------------------- the one reduction
@@ -159,9 +174,16 @@ def reduce_terms(row_terms: Tensor, batch_totals: Tensor, loss: int, reduction: 
         if reduction == "mean":
             per_term = per_term / batch_totals[:T].clamp_min(1).to(per_term.dtype)
         out = per_term.sum()
-    if PAIR_LOSS_INFO[loss].gated:
-        out = out * ((batch_totals[T] > 0) & (batch_totals[T + 1] > 0)).to(out.dtype)
-    return out
+    return out * gate(batch_totals, loss, out.dtype)
+
+
+def gate(batch_totals: Tensor, loss: int, dtype) -> Tensor | float:
+    """0 for the gated losses (SupCon, NT-Xent, as pytorch-metric-learning) on a batch without any
+    positive or any negative pair, else 1."""
+    if not PAIR_LOSS_INFO[loss].gated:
+        return 1.0
+    T = terms(loss)
+    return ((batch_totals[T] > 0) & (batch_totals[T + 1] > 0)).to(dtype)
 
 
 def reduce(row_stats: Tensor, loss: int, reduction: str) -> Tensor:
