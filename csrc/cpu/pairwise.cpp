@@ -803,7 +803,7 @@ constexpr int64_t kSymCols = 256;
 
 // (lse, n) += (lse2, n2): log-sum-exps of n and n2 terms (n = 0: nothing yet).
 template <typename T>
-inline void merge_lse(T& lse, T& n, T lse2, T n2) {
+SLF_HD void merge_lse(T& lse, T& n, T lse2, T n2) {
   if (n2 == T(0)) return;
   if (n == T(0)) {
     lse = lse2;
@@ -815,79 +815,75 @@ inline void merge_lse(T& lse, T& n, T lse2, T n2) {
   n += n2;
 }
 
-// Runs row_fn(r, buf) for every row (buf: W scratch values), then col_fn(c0, c1) over blocks
-// of the later anchors' columns.
-template <typename T, typename RowFn, typename ColFn>
-void both_sides(int64_t t, int64_t W, RowFn&& row_fn, ColFn&& col_fn) {
-  at::parallel_for(0, t, row_grain(W), [&](int64_t b, int64_t e) {
-    std::vector<T> buf(W);
-    for (int64_t r = b; r < e; ++r) row_fn(r, buf.data());
-  });
-  const int64_t blocks = (W - t + kSymCols - 1) / kSymCols;
-  at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) col_fn(t + k * kSymCols, std::min(W, t + (k + 1) * kSymCols));
-  });
+// The strip's pairs, both sides, as partial statistics rows: `partial(row, buf, part)` runs a
+// strip epilogue's forward on one anchor's pairs (buf: scratch of the row's length) and
+// `merge(anchor, part)` adds them to that anchor's accumulator (functors with SLF_HD calls, so
+// that they are compiled into the AVX2 clones below). Rows r: the strip's row over all of its
+// columns (itself excluded); later anchors (columns c >= t): their column, transposed into a
+// cache-sized block first, over the strip's rows.
+template <typename T, typename L, typename Partial, typename Merge>
+SLF_CPU_MULTIVERSION void sym_row_side(const SymStrip<T, L>& st, const Partial& partial, const Merge& merge,
+                                       int64_t b, int64_t e) {
+  std::vector<T> buf(st.W);
+  T part[kNumPairStats];
+  for (int64_t r = b; r < e; ++r) {
+    partial(st.row(r, part), buf.data());
+    merge(st.row0 + r, part);
+  }
+}
+
+template <typename T, typename L, typename Partial, typename Merge>
+SLF_CPU_MULTIVERSION void sym_column_side(const SymStrip<T, L>& st, const Partial& partial, const Merge& merge,
+                                          int64_t b, int64_t e) {
+  const int64_t t = st.t, W = st.W, row0 = st.row0;
+  std::vector<T> block(kSymCols * t), buf(t);
+  T part[kNumPairStats];
+  for (int64_t k = b; k < e; ++k) {
+    const int64_t c0 = t + k * kSymCols, n = std::min(W, c0 + kSymCols) - c0;
+    for (int64_t r1 = 0; r1 < t; r1 += 16) {  // block[q][r] = S[r][c0 + q], in 16-row tiles
+      const int64_t r2 = std::min(t, r1 + 16);
+      for (int64_t q = 0; q < n; ++q) {
+        T* dst = block.data() + q * t;
+        for (int64_t r = r1; r < r2; ++r) dst[r] = st.S[r * W + c0 + q];
+      }
+    }
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t j = row0 + c0 + q;
+      partial(Row<T, L>{block.data() + q * t, t, st.lab + row0, st.lab[j], -1, st.nsq[j], st.nsq + row0, part},
+              buf.data());
+      merge(j, part);
+    }
+  }
+}
+
+template <typename T, typename L, typename Partial, typename Merge>
+void both_sides(const SymStrip<T, L>& st, const Partial& partial, const Merge& merge) {
+  at::parallel_for(0, st.t, row_grain(st.W), [&](int64_t b, int64_t e) { sym_row_side(st, partial, merge, b, e); });
+  const int64_t blocks = (st.W - st.t + kSymCols - 1) / kSymCols;
+  at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) { sym_column_side(st, partial, merge, b, e); });
 }
 
 // ---- two-set losses: acc = (lse_p, n_p, lse_n, n_n)
 
-template <typename T, typename L, typename Logits>
-SLF_CPU_MULTIVERSION void twoset_sym_columns(const SymStrip<T, L>& st, const Logits& lg, int64_t c0, int64_t c1,
-                                             T* acc) {
-  const int64_t n = c1 - c0, W = st.W;
-  std::vector<T> mp(n, neg_inf<T>()), mn(n, neg_inf<T>()), sp(n, T(0)), sn(n, T(0)), np(n, T(0)), nn(n, T(0));
-  T* const mpp = mp.data();
-  T* const mnp = mn.data();
-  T* const spp = sp.data();
-  T* const snp = sn.data();
-  T* const npp = np.data();
-  T* const nnp = nn.data();
-  const L* const lc = st.lab + st.row0 + c0;
-  for (int64_t r = 0; r < st.t; ++r) {
-    const T* s = st.S + r * W + c0;
-    const L li = st.lab[st.row0 + r];
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) {
-      const bool same = lc[k] == li;
-      const T a = same ? lg.pos(s[k]) : lg.neg(s[k]);
-      const T vp = same ? a : neg_inf<T>(), vn = same ? neg_inf<T>() : a;
-      mpp[k] = mpp[k] > vp ? mpp[k] : vp;  // canonical max form, see twoset_forward
-      mnp[k] = mnp[k] > vn ? mnp[k] : vn;
-      npp[k] += same ? T(1) : T(0);
-      nnp[k] += same ? T(0) : T(1);
-    }
+template <typename T, typename L, typename Logits, typename Combine>
+struct TwoSetPartial {
+  const TwoSet<T, Logits, Combine>& ts;
+  SLF_HD void operator()(const Row<T, L>& row, T* buf) const { twoset_forward(row, buf, ts, false); }
+};
+
+template <typename T>
+struct TwoSetMerge {
+  T* acc;
+  SLF_HD void operator()(int64_t i, const T* part) const {
+    T* a = acc + i * 4;
+    merge_lse(a[0], a[1], part[kPairAux0], part[kPairNumPos]);
+    merge_lse(a[2], a[3], part[kPairAux1], part[kPairNumNeg]);
   }
-  for (int64_t r = 0; r < st.t; ++r) {
-    const T* s = st.S + r * W + c0;
-    const L li = st.lab[st.row0 + r];
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) {
-      const bool same = lc[k] == li;
-      const T a = same ? lg.pos(s[k]) : lg.neg(s[k]);
-      const T e = exp_fast(a - (same ? mpp[k] : mnp[k]));
-      spp[k] += same ? e : T(0);
-      snp[k] += same ? T(0) : e;
-    }
-  }
-  for (int64_t k = 0; k < n; ++k) {
-    T* a = acc + (st.row0 + c0 + k) * 4;
-    merge_lse(a[0], a[1], mpp[k] + log_(spp[k]), npp[k]);
-    merge_lse(a[2], a[3], mnp[k] + log_(snp[k]), nnp[k]);
-  }
-}
+};
 
 template <typename T, typename L, typename Logits, typename Combine>
 void twoset_sym_accumulate(const SymStrip<T, L>& st, const TwoSet<T, Logits, Combine>& ts, T* acc) {
-  both_sides<T>(
-      st.t, st.W,
-      [&](int64_t r, T* buf) {
-        T part[kNumPairStats];
-        twoset_forward(st.row(r, part), buf, ts, false);
-        T* a = acc + (st.row0 + r) * 4;
-        merge_lse(a[0], a[1], part[kPairAux0], part[kPairNumPos]);
-        merge_lse(a[2], a[3], part[kPairAux1], part[kPairNumNeg]);
-      },
-      [&](int64_t c0, int64_t c1) { twoset_sym_columns(st, ts.lg, c0, c1, acc); });
+  both_sides(st, TwoSetPartial<T, L, Logits, Combine>{ts}, TwoSetMerge<T>{acc});
 }
 
 template <typename T, typename Combine>
@@ -958,56 +954,26 @@ SLF_CPU_MULTIVERSION void twoset_sym_grad_rows(const SymStrip<T, L>& st, const L
 // ---- SupCon: acc = (lse over P u N, its n, sum of the positive logits, n_p, n_n)
 
 template <typename T, typename L>
-SLF_CPU_MULTIVERSION void supcon_sym_columns(const SymStrip<T, L>& st, T inv_t, int64_t c0, int64_t c1, T* acc) {
-  const int64_t n = c1 - c0, W = st.W;
-  std::vector<T> mx(n, neg_inf<T>()), sum(n, T(0)), spa(n, T(0)), np(n, T(0)), nn(n, T(0));
-  T* const mxp = mx.data();
-  T* const sump = sum.data();
-  T* const spap = spa.data();
-  T* const npp = np.data();
-  T* const nnp = nn.data();
-  const L* const lc = st.lab + st.row0 + c0;
-  for (int64_t r = 0; r < st.t; ++r) {
-    const T* s = st.S + r * W + c0;
-    const L li = st.lab[st.row0 + r];
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) {
-      const bool same = lc[k] == li;
-      const T a = s[k] * inv_t;
-      mxp[k] = mxp[k] > a ? mxp[k] : a;
-      spap[k] += same ? a : T(0);
-      npp[k] += same ? T(1) : T(0);
-      nnp[k] += same ? T(0) : T(1);
-    }
+struct SupConPartial {
+  T inv_t;
+  SLF_HD void operator()(const Row<T, L>& row, T* buf) const { supcon_forward(row, buf, inv_t, false); }
+};
+
+template <typename T>
+struct SupConMerge {
+  T* acc;
+  SLF_HD void operator()(int64_t i, const T* part) const {
+    T* a = acc + i * 5;
+    merge_lse(a[0], a[1], part[kPairAux0], part[kPairNumPos] + part[kPairNumNeg]);
+    a[2] += part[kPairAux1] * part[kPairNumPos];  // the mean positive logit times their number
+    a[3] += part[kPairNumPos];
+    a[4] += part[kPairNumNeg];
   }
-  for (int64_t r = 0; r < st.t; ++r) {
-    const T* s = st.S + r * W + c0;
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) sump[k] += exp_fast(s[k] * inv_t - mxp[k]);
-  }
-  for (int64_t k = 0; k < n; ++k) {
-    T* a = acc + (st.row0 + c0 + k) * 5;
-    merge_lse(a[0], a[1], mxp[k] + log_(sump[k]), T(st.t));
-    a[2] += spap[k];
-    a[3] += npp[k];
-    a[4] += nnp[k];
-  }
-}
+};
 
 template <typename T, typename L>
 void supcon_sym_accumulate(const SymStrip<T, L>& st, T inv_t, T* acc) {
-  both_sides<T>(
-      st.t, st.W,
-      [&](int64_t r, T* buf) {
-        T part[kNumPairStats];
-        supcon_forward(st.row(r, part), buf, inv_t, false);
-        T* a = acc + (st.row0 + r) * 5;
-        merge_lse(a[0], a[1], part[kPairAux0], part[kPairNumPos] + part[kPairNumNeg]);
-        a[2] += part[kPairAux1] * part[kPairNumPos];  // the mean positive logit times their number
-        a[3] += part[kPairNumPos];
-        a[4] += part[kPairNumNeg];
-      },
-      [&](int64_t c0, int64_t c1) { supcon_sym_columns(st, inv_t, c0, c1, acc); });
+  both_sides(st, SupConPartial<T, L>{inv_t}, SupConMerge<T>{acc});
 }
 
 template <typename T>
@@ -1070,57 +1036,31 @@ SLF_CPU_MULTIVERSION void supcon_sym_grad_rows(const SymStrip<T, L>& st, T inv_t
 // ---- contrastive: acc = (sum_p, nz_p, sum_n, nz_n, n_p, n_n), one pass
 
 template <typename T, typename L>
-SLF_CPU_MULTIVERSION void contrastive_sym_columns(const SymStrip<T, L>& st, T pm, T nm, bool direct, int64_t c0,
-                                                  int64_t c1, T* acc) {
-  const int64_t n = c1 - c0, W = st.W;
-  std::vector<T> v(6 * n, T(0));
-  T* const sp = v.data();
-  T* const zp = sp + n;
-  T* const sn = zp + n;
-  T* const zn = sn + n;
-  T* const np = zn + n;
-  T* const nn = np + n;
-  const L* const lc = st.lab + st.row0 + c0;
-  const T* const nc = st.nsq + st.row0 + c0;
-  for (int64_t r = 0; r < st.t; ++r) {
-    const T* s = st.S + r * W + c0;
-    const L li = st.lab[st.row0 + r];
-    const T ni = st.nsq[st.row0 + r];
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) {
-      const T d = direct ? s[k] : pair_distance(s[k], ni, nc[k]);
-      const bool same = lc[k] == li;
-      const T lp = relu(d - pm), ln = relu(nm - d);
-      sp[k] += same ? lp : T(0);
-      zp[k] += (same && row_counts(lp)) ? T(1) : T(0);
-      sn[k] += same ? T(0) : ln;
-      zn[k] += (!same && row_counts(ln)) ? T(1) : T(0);
-      np[k] += same ? T(1) : T(0);
-      nn[k] += same ? T(0) : T(1);
-    }
+struct ContrastivePartial {
+  T pm, nm;
+  bool direct;
+  SLF_HD void operator()(const Row<T, L>& row, T*) const {
+    contrastive_forward(row, pm, nm, direct, PairWindow<T>{}, false);
   }
-  for (int64_t k = 0; k < n; ++k) {
-    T* a = acc + (st.row0 + c0 + k) * 6;
-    for (int64_t q = 0; q < 6; ++q) a[q] += v[q * n + k];
+};
+
+template <typename T>
+struct ContrastiveMerge {
+  T* acc;
+  SLF_HD void operator()(int64_t i, const T* part) const {
+    T* a = acc + i * 6;
+    a[0] += part[kPairSum0];
+    a[1] += part[kPairCount0];
+    a[2] += part[kPairSum1];
+    a[3] += part[kPairCount1];
+    a[4] += part[kPairNumPos];
+    a[5] += part[kPairNumNeg];
   }
-}
+};
 
 template <typename T, typename L>
 void contrastive_sym_accumulate(const SymStrip<T, L>& st, T pm, T nm, bool direct, T* acc) {
-  both_sides<T>(
-      st.t, st.W,
-      [&](int64_t r, T*) {
-        T part[kNumPairStats];
-        contrastive_forward(st.row(r, part), pm, nm, direct, PairWindow<T>{}, false);
-        T* a = acc + (st.row0 + r) * 6;
-        a[0] += part[kPairSum0];
-        a[1] += part[kPairCount0];
-        a[2] += part[kPairSum1];
-        a[3] += part[kPairCount1];
-        a[4] += part[kPairNumPos];
-        a[5] += part[kPairNumNeg];
-      },
-      [&](int64_t c0, int64_t c1) { contrastive_sym_columns(st, pm, nm, direct, c0, c1, acc); });
+  both_sides(st, ContrastivePartial<T, L>{pm, nm, direct}, ContrastiveMerge<T>{acc});
 }
 
 template <typename T>
