@@ -624,3 +624,20 @@ class TripletMarginLoss(PairwiseLoss):
 
     def spec(self):
         return _triplet_spec(self.margin, self.mining)
+
+
+# PML's `losses` module also holds its wrappers and class-level heads: with these names here,
+# `from structloss_fast.pairwise import losses, miners, distances, reducers, regularizers`
+# stands in for `from pytorch_metric_learning import ...` (imported on first use: they import
+# this module).
+_ELSEWHERE = {"CrossBatchMemory": "structloss_fast.pairwise.cross_batch_memory",
+              "SelfSupervisedLoss": "structloss_fast.pairwise.self_supervised",
+              "ArcFaceLoss": "structloss_fast.softmax.margin_heads", "CosFaceLoss": "structloss_fast.softmax.margin_heads"}
+
+
+def __getattr__(name):
+    if name in _ELSEWHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

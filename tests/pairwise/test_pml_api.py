@@ -565,3 +565,49 @@ def test_triton_refuses_extended_problems():
     why = _registry.unsupported_reason(ops.OP, "triton", x=torch.zeros(2, 4), loss=0, extended=True)
     assert why and "cosine similarities only" in why
     assert _registry.unsupported_reason(ops.OP, "cuda", x=torch.zeros(2, 4), loss=0, miner=True)
+
+
+# ---------------------------------------------------------------- a PML training loop, imports changed
+
+
+def pml_training_loop(L, M, D, R, G, steps=4):
+    """A training loop written against pytorch-metric-learning's modules, parametrized by them:
+    losses, miners, distances, reducers, regularizers."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    circle = L.CircleLoss(m=0.25, gamma=64, reducer=R.ThresholdReducer(low=0.01),
+                          embedding_regularizer=G.LpRegularizer(), embedding_reg_weight=0.1)
+    ms_miner = M.MultiSimilarityMiner(epsilon=0.1)
+    xbm = L.CrossBatchMemory(L.ContrastiveLoss(pos_margin=1.0, neg_margin=0.0, distance=D.CosineSimilarity()),
+                             embedding_size=8, memory_size=96,
+                             miner=M.PairMarginMiner(pos_margin=0.9, neg_margin=0.2, distance=D.CosineSimilarity()))
+    triplet = L.TripletMarginLoss(margin=0.1, reducer=R.MeanReducer())
+    semihard = M.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+    ssl = L.SelfSupervisedLoss(L.NTXentLoss(temperature=0.2))
+    gen = torch.Generator().manual_seed(1)
+    record = []
+    for _ in range(steps):
+        x = torch.randn(32, 12, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 6, (32,), generator=gen)
+        emb = model(x)
+        view = model(x + 0.1 * torch.randn(32, 12, generator=gen, dtype=torch.float64))
+        loss = (circle(emb, y, ms_miner(emb, y)) + xbm(emb, y) + triplet(emb, y, semihard(emb, y))
+                + ssl(emb, view))
+        opt.zero_grad()
+        loss.backward()
+        record.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        opt.step()
+    return record
+
+
+def test_a_pml_training_loop_ports_by_changing_imports():
+    from pytorch_metric_learning import distances, losses, miners, reducers, regularizers
+    from structloss_fast.pairwise import distances as d2, losses as l2, miners as m2, reducers as r2, regularizers as g2
+
+    theirs = pml_training_loop(losses, miners, distances, reducers, regularizers)
+    ours = pml_training_loop(l2, m2, d2, r2, g2)
+    for (la, ga), (lb, gb) in zip(ours, theirs):
+        torch.testing.assert_close(la, lb, rtol=1e-9, atol=1e-11)
+        for u, v in zip(ga, gb):
+            torch.testing.assert_close(u, v, rtol=1e-8, atol=1e-10)
