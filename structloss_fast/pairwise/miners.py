@@ -97,19 +97,13 @@ class BaseMiner(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Tensor | None = None,
                 ref_labels: Tensor | None = None) -> MinedTuple:
-        _validate.tensor("embeddings", embeddings, ndim=2, floating=True)
-        _validate.tensor("labels", labels, ndim=1, integer=True)
-        _validate.length("labels", labels, embeddings.shape[0], "embeddings")
+        from .losses import check_inputs  # (losses imports this module)
+
+        if labels is None:
+            raise ValueError("miners need labels")
         if (ref_emb is None) != (ref_labels is None):
             raise ValueError("ref_emb and ref_labels must be given together")
-        if ref_emb is not None:
-            _validate.tensor("ref_emb", ref_emb, ndim=2, floating=True)
-            _validate.tensor("ref_labels", ref_labels, ndim=1, integer=True)
-            _validate.length("ref_labels", ref_labels, ref_emb.shape[0], "ref_emb")
-            if ref_emb.shape[1] != embeddings.shape[1]:
-                raise ValueError(f"ref_emb must have the embedding size of embeddings ({embeddings.shape[1]}), "
-                                 f"got shape {tuple(ref_emb.shape)}")
-        _validate.same_device(embeddings=embeddings, labels=labels, ref_emb=ref_emb, ref_labels=ref_labels)
+        check_inputs(embeddings, labels, ref_emb, ref_labels)
         return MinedTuple(self, embeddings, labels, ref_emb, ref_labels)
 
     # ---- mining in strips of anchors

@@ -5,7 +5,6 @@ embedding_regularizer=, CrossBatchMemory(miner=), SelfSupervisedLoss, labels=Non
 the ATen epilogue; gradcheck and opcheck of the extended op; bad input."""
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -41,19 +40,6 @@ PML_MINERS = {
 }
 
 EPILOGUE_ENV = "STRUCTLOSS_FAST_PAIRWISE_EPILOGUE"
-
-
-@contextlib.contextmanager
-def epilogue(kind):
-    old = os.environ.get(EPILOGUE_ENV)
-    os.environ[EPILOGUE_ENV] = kind
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[EPILOGUE_ENV]
-        else:
-            os.environ[EPILOGUE_ENV] = old
 
 
 def batch(B=48, D=8, classes=8, dtype=torch.float64, seed=0):
@@ -272,14 +258,14 @@ DISTANCES = [
 @pytest.mark.parametrize("pml_objects", [False, True])
 @pytest.mark.parametrize("epi", ["kernel", "aten"])
 @pytest.mark.parametrize("name, make", DISTANCES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(DISTANCES)])
-def test_engine_distances_match_pml(name, make, epi, pml_objects):
+def test_engine_distances_match_pml(name, make, epi, pml_objects, monkeypatch):
     ours, theirs, kw = LOSSES[name]
     if name == "contrastive" and "Cosine" in type(make(PD)).__name__:
         kw = dict(pos_margin=0.9, neg_margin=0.3)
     x, y = batch(40)
-    with epilogue(epi):
-        assert_same(lambda e: ours(distance=make(PD if pml_objects else slf), backend="cpu", **kw)(e, y),
-                    lambda e: theirs(distance=make(PD), **kw)(e, y), x)
+    monkeypatch.setenv(EPILOGUE_ENV, epi)
+    assert_same(lambda e: ours(distance=make(PD if pml_objects else slf), backend="cpu", **kw)(e, y),
+                lambda e: theirs(distance=make(PD), **kw)(e, y), x)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -304,21 +290,21 @@ def test_circle_takes_cosine_only():
 
 @pytest.mark.parametrize("epi", ["kernel", "aten"])
 @pytest.mark.parametrize("name", ["contrastive", "triplet"])
-def test_zero_rows_distance_is_one(name, epi):
+def test_zero_rows_distance_is_one(name, epi, monkeypatch):
     """F.normalize leaves a zero row at 0: its distance to a unit row is 1, not sqrt(2)."""
     ours, theirs, kw = LOSSES[name]
     x, y = batch(32, classes=5)
     x[3] = 0
     x[9] = 0
-    with epilogue(epi):
-        a = ours(backend="cpu", **kw)(x, y)
-        b = theirs(**kw)(x, y)
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-        ref = torch.randn(20, 8, dtype=torch.float64)
-        ref[4] = 0
-        ry = torch.randint(0, 5, (20,))
-        torch.testing.assert_close(ours(backend="cpu", **kw)(x, y, ref_emb=ref, ref_labels=ry),
-                                   theirs(**kw)(x, y, ref_emb=ref, ref_labels=ry), rtol=1e-9, atol=1e-12)
+    monkeypatch.setenv(EPILOGUE_ENV, epi)
+    a = ours(backend="cpu", **kw)(x, y)
+    b = theirs(**kw)(x, y)
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    ref = torch.randn(20, 8, dtype=torch.float64)
+    ref[4] = 0
+    ry = torch.randint(0, 5, (20,))
+    torch.testing.assert_close(ours(backend="cpu", **kw)(x, y, ref_emb=ref, ref_labels=ry),
+                               theirs(**kw)(x, y, ref_emb=ref, ref_labels=ry), rtol=1e-9, atol=1e-12)
 
 
 # ---------------------------------------------------------------- reducers and regularizers
