@@ -417,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_symmetric_forward_driver
                              epi.accumulate(strip, row0, rows, spec, acc);
                              if (grads && !epi.two_pass) grad_pass(strip, row0, rows, chain);
                            });
-  epi.finish(acc, spec, row_stats);
+  epi.finish(acc, p.rows, spec, row_stats);
   if (grads && epi.two_pass) for_each_symmetric_strip(p, spec, epi.strip_elems, grad_pass);
   return {row_stats, grad_x, grad_ref};
 }

@@ -60,7 +60,7 @@ struct SymmetricEpilogue {
   void (*accumulate)(const at::Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec,
                      at::Tensor& acc);
   // row_stats (B x kNumPairStats) from acc, as the strip epilogue's forward writes them.
-  void (*finish)(const at::Tensor& acc, const PairwiseSpec& spec, at::Tensor& row_stats);
+  void (*finish)(const at::Tensor& acc, const PairwiseRows& rows, const PairwiseSpec& spec, at::Tensor& row_stats);
   // Overwrites S with sum_k w_ik d term_k,i / d v_ij + (c >= t) sum_k w_jk d term_k,j / d v_ji.
   // Two-pass losses read their complete row_stats; row_weights (B, terms).
   void (*gradient)(at::Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec,

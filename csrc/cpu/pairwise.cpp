@@ -801,20 +801,6 @@ struct SymStrip {
 // Columns per parallel task of the column side: a t x kSymCols block stays in L2.
 constexpr int64_t kSymCols = 256;
 
-// (lse, n) += (lse2, n2): log-sum-exps of n and n2 terms (n = 0: nothing yet).
-template <typename T>
-SLF_HD void merge_lse(T& lse, T& n, T lse2, T n2) {
-  if (n2 == T(0)) return;
-  if (n == T(0)) {
-    lse = lse2;
-    n = n2;
-    return;
-  }
-  const T m = lse > lse2 ? lse : lse2;  // a NaN makes the result NaN
-  lse = m + log_(exp_(lse - m) + exp_(lse2 - m));
-  n += n2;
-}
-
 // The strip's pairs, both sides, as partial statistics rows: `partial(row, buf, part)` runs a
 // strip epilogue's forward on one anchor's pairs (buf: scratch of the row's length) and
 // `merge(anchor, part)` adds them to that anchor's accumulator (functors with SLF_HD calls, so
@@ -863,44 +849,177 @@ void both_sides(const SymStrip<T, L>& st, const Partial& partial, const Merge& m
   at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) { sym_column_side(st, partial, merge, b, e); });
 }
 
-// ---- two-set losses: acc = (lse_p, n_p, lse_n, n_n)
+// ---- the log-sum-exp losses' statistics pass, tiled: each pair's logit once, one exp per side
 
-template <typename T, typename L, typename Logits, typename Combine>
-struct TwoSetPartial {
-  const TwoSet<T, Logits, Combine>& ts;
-  SLF_HD void operator()(const Row<T, L>& row, T* buf) const { twoset_forward(row, buf, ts, false); }
-};
-
+// Per anchor of the strip's later columns or rows: running (max, sum of exps) of its positives'
+// and of its negatives' logits, and (SupCon) the sum of its positive logits. (m, z) pairs merge
+// as log-sum-exps: z e^(m - M) + z' e^(m' - M), M = max(m, m').
 template <typename T>
-struct TwoSetMerge {
-  T* acc;
-  SLF_HD void operator()(int64_t i, const T* part) const {
-    T* a = acc + i * 4;
-    merge_lse(a[0], a[1], part[kPairAux0], part[kPairNumPos]);
-    merge_lse(a[2], a[3], part[kPairAux1], part[kPairNumNeg]);
+SLF_HD void merge_mz(T& m, T& z, T m2, T z2) {
+  if (z2 == T(0)) return;  // nothing (a NaN z2 is merged: it must reach the loss)
+  if (z == T(0)) {
+    m = m2;
+    z = z2;
+    return;
   }
-};
-
-template <typename T, typename L, typename Logits, typename Combine>
-void twoset_sym_accumulate(const SymStrip<T, L>& st, const TwoSet<T, Logits, Combine>& ts, T* acc) {
-  both_sides(st, TwoSetPartial<T, L, Logits, Combine>{ts}, TwoSetMerge<T>{acc});
+  const T M = m > m2 ? m : m2;
+  z = z * exp_(m - M) + z2 * exp_(m2 - M);
+  m = M;
 }
 
-template <typename T, typename Combine>
-void twoset_sym_finish(const T* acc, int64_t B, const Combine& combine, bool row_counted, T* stats) {
+constexpr int64_t kSymTileRows = 32;  // a 32 x kSymCols tile of logits stays in L1
+
+// One column block [c0, c1) of a strip, all its rows: row_part (t x 5: m_p, z_p, m_n, z_n, sum of
+// positive logits) gets the rows' partials over these columns (the anchor itself excluded), and
+// acc (B x 5, same layout) the later anchors' (c >= t) over all of the strip's rows.
+template <typename T, typename L, typename Logits, bool kSumPos>
+SLF_CPU_MULTIVERSION void lse_sym_block(const SymStrip<T, L>& st, const Logits& lg, int64_t c0, int64_t c1,
+                                        T* row_part, T* acc) {
+  const int64_t n = c1 - c0, W = st.W, t = st.t;
+  std::vector<T> tile(kSymTileRows * n), col(9 * n);
+  T* const cmp = col.data();  // this row tile's column maxima, P and N
+  T* const cmn = cmp + n;
+  T* const czp = cmn + n;  // and sums
+  T* const czn = czp + n;
+  T* const rmp = czn + n;  // the block's running (m, z) per column, P and N
+  T* const rzp = rmp + n;
+  T* const rmn = rzp + n;
+  T* const rzn = rmn + n;
+  T* const rsa = rzn + n;  // sum of positive logits per column
+  std::fill(rzp, rzp + n, T(0));
+  std::fill(rzn, rzn + n, T(0));
+  std::fill(rsa, rsa + n, T(0));
+  std::fill(rmp, rmp + n, neg_inf<T>());
+  std::fill(rmn, rmn + n, neg_inf<T>());
+  const L* const lc = st.lab + st.row0 + c0;
+  for (int64_t r0 = 0; r0 < t; r0 += kSymTileRows) {
+    const int64_t r1 = std::min(t, r0 + kSymTileRows);
+    std::fill(cmp, cmp + n, neg_inf<T>());
+    std::fill(cmn, cmn + n, neg_inf<T>());
+    std::fill(czp, czp + n, T(0));
+    std::fill(czn, czn + n, T(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* s = st.S + r * W + c0;
+      T* a_row = tile.data() + (r - r0) * n;
+      const L li = st.lab[st.row0 + r];
+      const int64_t self_q = r - c0;  // the anchor itself, if in this block
+      T mp = neg_inf<T>(), mn = neg_inf<T>(), sa = T(0);
+#pragma omp simd reduction(max : mp, mn) reduction(+ : sa)
+      for (int64_t q = 0; q < n; ++q) {
+        const bool same = lc[q] == li;
+        const T a = same ? lg.pos(s[q]) : lg.neg(s[q]);
+        a_row[q] = a;
+        const T vp = (same && q != self_q) ? a : neg_inf<T>();
+        const T vn = same ? neg_inf<T>() : a;
+        mp = mp > vp ? mp : vp;  // canonical max form, see twoset_forward
+        mn = mn > vn ? mn : vn;
+        sa += (kSumPos && same && q != self_q) ? a : T(0);
+        const T cp = same ? a : neg_inf<T>();
+        cmp[q] = cmp[q] > cp ? cmp[q] : cp;
+        cmn[q] = cmn[q] > vn ? cmn[q] : vn;
+        rsa[q] += (kSumPos && same) ? a : T(0);
+      }
+      T* part = row_part + r * 5;
+      part[0] = mp;
+      part[2] = mn;
+      part[4] = sa;
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* a_row = tile.data() + (r - r0) * n;
+      const L li = st.lab[st.row0 + r];
+      const int64_t self_q = r - c0;
+      T* part = row_part + r * 5;
+      const T mp = part[0], mn = part[2];
+      T zp = T(0), zn = T(0);
+#pragma omp simd reduction(+ : zp, zn)
+      for (int64_t q = 0; q < n; ++q) {
+        const bool same = lc[q] == li;
+        const T a = a_row[q];
+        const T er = exp_fast(a - (same ? mp : mn));
+        zp += (same && q != self_q) ? er : T(0);
+        zn += same ? T(0) : er;
+        const T ec = exp_fast(a - (same ? cmp[q] : cmn[q]));
+        czp[q] += same ? ec : T(0);
+        czn[q] += same ? T(0) : ec;
+      }
+      part[1] = zp;
+      part[3] = zn;
+    }
+    for (int64_t q = 0; q < n; ++q) {
+      merge_mz(rmp[q], rzp[q], cmp[q], czp[q]);
+      merge_mz(rmn[q], rzn[q], cmn[q], czn[q]);
+    }
+  }
+  for (int64_t q = std::max<int64_t>(0, t - c0); q < n; ++q) {  // the later anchors
+    T* a = acc + (st.row0 + c0 + q) * 5;
+    merge_mz(a[0], a[1], rmp[q], rzp[q]);
+    merge_mz(a[2], a[3], rmn[q], rzn[q]);
+    a[4] += rsa[q];
+  }
+}
+
+// The strip's statistics pass: column blocks in parallel, then each row's block partials merged
+// in block order (deterministic) into acc.
+template <typename T, typename L, typename Logits, bool kSumPos>
+void lse_sym_accumulate(const SymStrip<T, L>& st, const Logits& lg, T* acc) {
+  const int64_t t = st.t, W = st.W, blocks = (W + kSymCols - 1) / kSymCols;
+  std::vector<T> parts(blocks * t * 5);
+  at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      lse_sym_block<T, L, Logits, kSumPos>(st, lg, k * kSymCols, std::min(W, (k + 1) * kSymCols),
+                                           parts.data() + k * t * 5, acc);
+    }
+  });
+  at::parallel_for(0, t, 256, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      T* a = acc + (st.row0 + r) * 5;
+      for (int64_t k = 0; k < blocks; ++k) {
+        const T* p = parts.data() + (k * t + r) * 5;
+        merge_mz(a[0], a[1], p[0], p[1]);
+        merge_mz(a[2], a[3], p[2], p[3]);
+        a[4] += p[4];
+      }
+    }
+  });
+}
+
+// Per anchor: its positives and negatives among the other anchors (labels equal / different).
+template <typename L>
+void class_counts(const L* lab, int64_t B, std::vector<int64_t>& n_pos) {
+  std::vector<L> sorted(lab, lab + B);
+  std::sort(sorted.begin(), sorted.end());
+  n_pos.resize(B);
+  for (int64_t i = 0; i < B; ++i) {
+    const auto range = std::equal_range(sorted.begin(), sorted.end(), lab[i]);
+    n_pos[i] = (range.second - range.first) - 1;
+  }
+}
+
+// ---- two-set losses: acc = (m_p, z_p, m_n, z_n, -) (lse_sym_accumulate)
+
+// NaN-preserving log-sum-exp of an (m, z) pair; -inf for an empty set.
+template <typename T>
+SLF_HD T mz_lse(T m, T z) {
+  return z != T(0) ? m + log_(z) : neg_inf<T>();
+}
+
+template <typename T, typename L, typename Combine>
+void twoset_sym_finish(const T* acc, const L* lab, int64_t B, const Combine& combine, bool row_counted, T* stats) {
+  std::vector<int64_t> n_pos;
+  class_counts(lab, B, n_pos);
   at::parallel_for(0, B, 1024, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const T* a = acc + i * 4;
-      const bool hp = a[1] > T(0), hn = a[3] > T(0);
-      const T lse_p = hp ? a[0] : neg_inf<T>(), lse_n = hn ? a[2] : neg_inf<T>();
+      const T* a = acc + i * 5;
+      const bool hp = n_pos[i] > 0, hn = B - 1 - n_pos[i] > 0;
+      const T lse_p = hp ? mz_lse(a[0], a[1]) : neg_inf<T>(), lse_n = hn ? mz_lse(a[2], a[3]) : neg_inf<T>();
       const TwoSetResult<T> res = combine(lse_p, lse_n, hp, hn);
       T* st = stats + i * kNumPairStats;
       st[kPairAux0] = lse_p;
       st[kPairAux1] = lse_n;
       st[kPairSum0] = res.loss;
       st[kPairCount0] = (!row_counted || row_counts(res.loss)) ? T(1) : T(0);
-      st[kPairNumPos] = a[1];
-      st[kPairNumNeg] = a[3];
+      st[kPairNumPos] = static_cast<T>(n_pos[i]);
+      st[kPairNumNeg] = static_cast<T>(B - 1 - n_pos[i]);
     }
   });
 }
@@ -951,46 +1070,35 @@ SLF_CPU_MULTIVERSION void twoset_sym_grad_rows(const SymStrip<T, L>& st, const L
   }
 }
 
-// ---- SupCon: acc = (lse over P u N, its n, sum of the positive logits, n_p, n_n)
+// ---- SupCon: acc = (m_p, z_p, m_n, z_n, sum of positive logits) (lse_sym_accumulate)
 
-template <typename T, typename L>
-struct SupConPartial {
+template <typename T>
+struct SupConLogits {
   T inv_t;
-  SLF_HD void operator()(const Row<T, L>& row, T* buf) const { supcon_forward(row, buf, inv_t, false); }
-};
-
-template <typename T>
-struct SupConMerge {
-  T* acc;
-  SLF_HD void operator()(int64_t i, const T* part) const {
-    T* a = acc + i * 5;
-    merge_lse(a[0], a[1], part[kPairAux0], part[kPairNumPos] + part[kPairNumNeg]);
-    a[2] += part[kPairAux1] * part[kPairNumPos];  // the mean positive logit times their number
-    a[3] += part[kPairNumPos];
-    a[4] += part[kPairNumNeg];
-  }
+  SLF_HD T pos(T s) const { return s * inv_t; }
+  SLF_HD T neg(T s) const { return s * inv_t; }
 };
 
 template <typename T, typename L>
-void supcon_sym_accumulate(const SymStrip<T, L>& st, T inv_t, T* acc) {
-  both_sides(st, SupConPartial<T, L>{inv_t}, SupConMerge<T>{acc});
-}
-
-template <typename T>
-void supcon_sym_finish(const T* acc, int64_t B, T* stats) {
+void supcon_sym_finish(const T* acc, const L* lab, int64_t B, T* stats) {
+  std::vector<int64_t> n_pos;
+  class_counts(lab, B, n_pos);
   at::parallel_for(0, B, 1024, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const T* a = acc + i * 5;
-      const T lse = a[1] > T(0) ? a[0] : neg_inf<T>();
-      const T mean_p = a[3] > T(0) ? a[2] / a[3] : T(0);
-      const T loss = a[3] > T(0) ? lse - mean_p : T(0);
+      const T np = static_cast<T>(n_pos[i]);
+      const T lp = mz_lse(a[0], a[1]), ln = mz_lse(a[2], a[3]);
+      const T m = lp > ln ? lp : ln;  // log-sum-exp over P u N
+      const T lse = m == neg_inf<T>() ? m : m + log_(exp_(lp - m) + exp_(ln - m));
+      const T mean_p = np > T(0) ? a[4] / np : T(0);
+      const T loss = np > T(0) ? lse - mean_p : T(0);
       T* st = stats + i * kNumPairStats;
       st[kPairAux0] = lse;
       st[kPairAux1] = mean_p;
       st[kPairSum0] = loss;
       st[kPairCount0] = row_counts(loss) ? T(1) : T(0);
-      st[kPairNumPos] = a[3];
-      st[kPairNumNeg] = a[4];
+      st[kPairNumPos] = np;
+      st[kPairNumNeg] = static_cast<T>(B - 1 - n_pos[i]);
     }
   });
 }
@@ -1133,26 +1241,28 @@ void sym_accumulate(const at::Tensor& S, int64_t row0, const PairwiseRows& rows,
     const SymStrip<T, L> st(S, row0, rows);
     T* a = acc.data_ptr<T>();
     const T p0 = static_cast<T>(spec.p[0]), p1 = static_cast<T>(spec.p[1]);
-    if (spec.loss == kSupCon) return supcon_sym_accumulate(st, T(1) / p0, a);
+    if (spec.loss == kSupCon) {
+      return lse_sym_accumulate<T, L, SupConLogits<T>, true>(st, SupConLogits<T>{T(1) / p0}, a);
+    }
     if (spec.loss == kContrastive) return contrastive_sym_accumulate(st, p0, p1, spec.direct(), a);
-    with_twoset<T>(spec, [&](const auto& lg, const auto& combine, bool row_counted) {
-      using Lg = std::decay_t<decltype(lg)>;
-      using Cb = std::decay_t<decltype(combine)>;
-      twoset_sym_accumulate(st, TwoSet<T, Lg, Cb>{lg, combine, row_counted, PairWindow<T>{}}, a);
+    with_twoset<T>(spec, [&](const auto& lg, const auto&, bool) {
+      lse_sym_accumulate<T, L, std::decay_t<decltype(lg)>, false>(st, lg, a);
     });
   });
 }
 
-void sym_finish(const at::Tensor& acc, const PairwiseSpec& spec, at::Tensor& row_stats) {
-  AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "structloss_fast_pairwise_sym_finish", [&] {
-    using T = scalar_t;
+void sym_finish(const at::Tensor& acc, const PairwiseRows& rows, const PairwiseSpec& spec, at::Tensor& row_stats) {
+  sym_dispatch(acc, rows, [&](auto t0, auto l0) {
+    using T = decltype(t0);
+    using L = decltype(l0);
     const T* a = acc.data_ptr<T>();
+    const L* lab = rows.labels.data_ptr<L>();
     T* st = row_stats.data_ptr<T>();
     const int64_t B = acc.size(0);
-    if (spec.loss == kSupCon) return supcon_sym_finish(a, B, st);
+    if (spec.loss == kSupCon) return supcon_sym_finish(a, lab, B, st);
     if (spec.loss == kContrastive) return contrastive_sym_finish(a, B, st);
     with_twoset<T>(spec, [&](const auto&, const auto& combine, bool row_counted) {
-      twoset_sym_finish(a, B, combine, row_counted, st);
+      twoset_sym_finish(a, lab, B, combine, row_counted, st);
     });
   });
 }
@@ -1191,7 +1301,7 @@ void sym_gradient(at::Tensor& S, int64_t row0, const PairwiseRows& rows, const P
   });
 }
 
-const SymmetricEpilogue kSymTwoPass{4, true, &sym_accumulate, &sym_finish, &sym_gradient, kCpuStripElems};
+const SymmetricEpilogue kSymTwoPass{5, true, &sym_accumulate, &sym_finish, &sym_gradient, kCpuStripElems};
 const SymmetricEpilogue kSymSupCon{5, true, &sym_accumulate, &sym_finish, &sym_gradient, kCpuStripElems};
 const SymmetricEpilogue kSymContrastive{6, false, &sym_accumulate, &sym_finish, &sym_gradient, kCpuStripElems};
 
