@@ -407,15 +407,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_symmetric_forward_driver
   at::Tensor gx[2];
   for (int64_t k = 0; k < 2; ++k) gx[k] = k < terms ? grad_x.select(0, k) : at::Tensor();
   const at::Tensor unit = at::ones({B, spec.terms()}, p.x.options());
-  const auto grad_pass = [&](at::Tensor& strip, int64_t row0, const PairwiseRows& rows, const at::Tensor& chain) {
-    epi.gradient(strip, row0, rows, spec, row_stats, unit);
+  const auto to_grad = [&](at::Tensor& strip, int64_t row0, const at::Tensor& chain) {
     values_to_gemm_grad(strip, chain, spec);
     accumulate_symmetric(strip, p, row0, gx, terms == 2);
   };
+  const auto grad_pass = [&](at::Tensor& strip, int64_t row0, const PairwiseRows& rows, const at::Tensor& chain) {
+    epi.gradient(strip, row0, rows, spec, row_stats, unit);
+    to_grad(strip, row0, chain);
+  };
   for_each_symmetric_strip(p, spec, epi.strip_elems,
                            [&](at::Tensor& strip, int64_t row0, const PairwiseRows& rows, const at::Tensor& chain) {
-                             epi.accumulate(strip, row0, rows, spec, acc);
-                             if (grads && !epi.two_pass) grad_pass(strip, row0, rows, chain);
+                             const bool one_pass_grad = grads && !epi.two_pass;
+                             epi.accumulate(strip, row0, rows, spec, acc, one_pass_grad);
+                             if (one_pass_grad) to_grad(strip, row0, chain);
                            });
   epi.finish(acc, p.rows, spec, row_stats);
   if (grads && epi.two_pass) for_each_symmetric_strip(p, spec, epi.strip_elems, grad_pass);

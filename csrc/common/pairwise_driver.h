@@ -56,9 +56,11 @@ std::tuple<at::Tensor, at::Tensor> pairwise_backward_driver(
 struct SymmetricEpilogue {
   int64_t acc_cols;  // per-anchor partial statistics
   bool two_pass;     // statistics complete before any gradient (log-sum-exp losses)
-  // Adds the strip's pairs to acc (B x acc_cols; zeros = nothing yet), both anchor sides.
-  void (*accumulate)(const at::Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec,
-                     at::Tensor& acc);
+  // Adds the strip's pairs to acc (B x acc_cols; zeros = nothing yet), both anchor sides. With
+  // want_grad (one-pass losses only), also overwrites S with the unit-weight gradient, as
+  // `gradient` would.
+  void (*accumulate)(at::Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec,
+                     at::Tensor& acc, bool want_grad);
   // row_stats (B x kNumPairStats) from acc, as the strip epilogue's forward writes them.
   void (*finish)(const at::Tensor& acc, const PairwiseRows& rows, const PairwiseSpec& spec, at::Tensor& row_stats);
   // Overwrites S with sum_k w_ik d term_k,i / d v_ij + (c >= t) sum_k w_jk d term_k,j / d v_ji.

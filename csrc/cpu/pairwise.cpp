@@ -801,54 +801,6 @@ struct SymStrip {
 // Columns per parallel task of the column side: a t x kSymCols block stays in L2.
 constexpr int64_t kSymCols = 256;
 
-// The strip's pairs, both sides, as partial statistics rows: `partial(row, buf, part)` runs a
-// strip epilogue's forward on one anchor's pairs (buf: scratch of the row's length) and
-// `merge(anchor, part)` adds them to that anchor's accumulator (functors with SLF_HD calls, so
-// that they are compiled into the AVX2 clones below). Rows r: the strip's row over all of its
-// columns (itself excluded); later anchors (columns c >= t): their column, transposed into a
-// cache-sized block first, over the strip's rows.
-template <typename T, typename L, typename Partial, typename Merge>
-SLF_CPU_MULTIVERSION void sym_row_side(const SymStrip<T, L>& st, const Partial& partial, const Merge& merge,
-                                       int64_t b, int64_t e) {
-  std::vector<T> buf(st.W);
-  T part[kNumPairStats];
-  for (int64_t r = b; r < e; ++r) {
-    partial(st.row(r, part), buf.data());
-    merge(st.row0 + r, part);
-  }
-}
-
-template <typename T, typename L, typename Partial, typename Merge>
-SLF_CPU_MULTIVERSION void sym_column_side(const SymStrip<T, L>& st, const Partial& partial, const Merge& merge,
-                                          int64_t b, int64_t e) {
-  const int64_t t = st.t, W = st.W, row0 = st.row0;
-  std::vector<T> block(kSymCols * t), buf(t);
-  T part[kNumPairStats];
-  for (int64_t k = b; k < e; ++k) {
-    const int64_t c0 = t + k * kSymCols, n = std::min(W, c0 + kSymCols) - c0;
-    for (int64_t r1 = 0; r1 < t; r1 += 16) {  // block[q][r] = S[r][c0 + q], in 16-row tiles
-      const int64_t r2 = std::min(t, r1 + 16);
-      for (int64_t q = 0; q < n; ++q) {
-        T* dst = block.data() + q * t;
-        for (int64_t r = r1; r < r2; ++r) dst[r] = st.S[r * W + c0 + q];
-      }
-    }
-    for (int64_t q = 0; q < n; ++q) {
-      const int64_t j = row0 + c0 + q;
-      partial(Row<T, L>{block.data() + q * t, t, st.lab + row0, st.lab[j], -1, st.nsq[j], st.nsq + row0, part},
-              buf.data());
-      merge(j, part);
-    }
-  }
-}
-
-template <typename T, typename L, typename Partial, typename Merge>
-void both_sides(const SymStrip<T, L>& st, const Partial& partial, const Merge& merge) {
-  at::parallel_for(0, st.t, row_grain(st.W), [&](int64_t b, int64_t e) { sym_row_side(st, partial, merge, b, e); });
-  const int64_t blocks = (st.W - st.t + kSymCols - 1) / kSymCols;
-  at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) { sym_column_side(st, partial, merge, b, e); });
-}
-
 // ---- the log-sum-exp losses' statistics pass, tiled: each pair's logit once, one exp per side
 
 // Per anchor of the strip's later columns or rows: running (max, sum of exps) of its positives'
@@ -1141,47 +1093,96 @@ SLF_CPU_MULTIVERSION void supcon_sym_grad_rows(const SymStrip<T, L>& st, T inv_t
   }
 }
 
-// ---- contrastive: acc = (sum_p, nz_p, sum_n, nz_n, n_p, n_n), one pass
+// ---- contrastive: acc = (sum_p, nz_p, sum_n, nz_n), one pass
 
+// One column block [c0, c1), all rows of the strip: the rows' sums over these columns (t x 4,
+// row_part), the later anchors' sums over all rows (added to acc), and with want_grad the strip's
+// unit-weight gradient in place (both anchors' terms: the pair's gradient is the same for both).
 template <typename T, typename L>
-struct ContrastivePartial {
-  T pm, nm;
-  bool direct;
-  SLF_HD void operator()(const Row<T, L>& row, T*) const {
-    contrastive_forward(row, pm, nm, direct, PairWindow<T>{}, false);
+SLF_CPU_MULTIVERSION void contrastive_sym_block(const SymStrip<T, L>& st, T pm, T nm, bool direct, bool want_grad,
+                                                int64_t c0, int64_t c1, T* row_part, T* acc) {
+  const int64_t n = c1 - c0, W = st.W, t = st.t;
+  std::vector<T> col(4 * n, T(0));
+  T* const csp = col.data();
+  T* const czp = csp + n;
+  T* const csn = czp + n;
+  T* const czn = csn + n;
+  const L* const lc = st.lab + st.row0 + c0;
+  const T* const nc = st.nsq + st.row0 + c0;
+  for (int64_t r = 0; r < t; ++r) {
+    T* s = st.S + r * W + c0;
+    const L li = st.lab[st.row0 + r];
+    const T ni = st.nsq[st.row0 + r];
+    const int64_t self_q = r - c0, later_q = t - c0;  // columns q >= later_q are later anchors
+    T sp = T(0), zp = T(0), sn = T(0), zn = T(0);
+#pragma omp simd reduction(+ : sp, zp, sn, zn)
+    for (int64_t q = 0; q < n; ++q) {
+      const T d = direct ? s[q] : pair_distance(s[q], ni, nc[q]);
+      const bool same = lc[q] == li, mine = q != self_q;
+      const T lp = relu(d - pm), ln = relu(nm - d);
+      const T cnt_p = (same && row_counts(lp)) ? T(1) : T(0), cnt_n = (!same && row_counts(ln)) ? T(1) : T(0);
+      sp += (same && mine) ? lp : T(0);
+      zp += mine ? cnt_p : T(0);
+      sn += same ? T(0) : ln;
+      zn += cnt_n;
+      csp[q] += same ? lp : T(0);
+      czp[q] += cnt_p;
+      csn[q] += same ? T(0) : ln;
+      czn[q] += cnt_n;
+      if (want_grad) {  // loop-invariant: unswitched by the compiler
+        const T dd = direct ? T(1) : pair_distance_grad(d);
+        const T sides = (mine ? T(1) : T(0)) + (q >= later_q ? T(1) : T(0));
+        const T g = same ? relu_grad(d - pm) * dd : -relu_grad(nm - d) * dd;
+        s[q] = sides == T(0) ? T(0) : sides * g;
+      }
+    }
+    T* part = row_part + r * 4;
+    part[0] = sp;
+    part[1] = zp;
+    part[2] = sn;
+    part[3] = zn;
   }
-};
-
-template <typename T>
-struct ContrastiveMerge {
-  T* acc;
-  SLF_HD void operator()(int64_t i, const T* part) const {
-    T* a = acc + i * 6;
-    a[0] += part[kPairSum0];
-    a[1] += part[kPairCount0];
-    a[2] += part[kPairSum1];
-    a[3] += part[kPairCount1];
-    a[4] += part[kPairNumPos];
-    a[5] += part[kPairNumNeg];
+  for (int64_t q = std::max<int64_t>(0, t - c0); q < n; ++q) {
+    T* a = acc + (st.row0 + c0 + q) * 4;
+    a[0] += csp[q];
+    a[1] += czp[q];
+    a[2] += csn[q];
+    a[3] += czn[q];
   }
-};
-
-template <typename T, typename L>
-void contrastive_sym_accumulate(const SymStrip<T, L>& st, T pm, T nm, bool direct, T* acc) {
-  both_sides(st, ContrastivePartial<T, L>{pm, nm, direct}, ContrastiveMerge<T>{acc});
 }
 
-template <typename T>
-void contrastive_sym_finish(const T* acc, int64_t B, T* stats) {
+template <typename T, typename L>
+void contrastive_sym_accumulate(const SymStrip<T, L>& st, T pm, T nm, bool direct, bool want_grad, T* acc) {
+  const int64_t t = st.t, W = st.W, blocks = (W + kSymCols - 1) / kSymCols;
+  std::vector<T> parts(blocks * t * 4);
+  at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      contrastive_sym_block(st, pm, nm, direct, want_grad, k * kSymCols, std::min(W, (k + 1) * kSymCols),
+                            parts.data() + k * t * 4, acc);
+    }
+  });
+  for (int64_t r = 0; r < t; ++r) {  // each row's block partials, in block order
+    T* a = acc + (st.row0 + r) * 4;
+    for (int64_t k = 0; k < blocks; ++k) {
+      const T* p = parts.data() + (k * t + r) * 4;
+      for (int64_t q = 0; q < 4; ++q) a[q] += p[q];
+    }
+  }
+}
+
+template <typename T, typename L>
+void contrastive_sym_finish(const T* acc, const L* lab, int64_t B, T* stats) {
+  std::vector<int64_t> n_pos;
+  class_counts(lab, B, n_pos);
   for (int64_t i = 0; i < B; ++i) {
-    const T* a = acc + i * 6;
+    const T* a = acc + i * 4;
     T* st = stats + i * kNumPairStats;
     st[kPairSum0] = a[0];
     st[kPairCount0] = a[1];
     st[kPairSum1] = a[2];
     st[kPairCount1] = a[3];
-    st[kPairNumPos] = a[4];
-    st[kPairNumNeg] = a[5];
+    st[kPairNumPos] = static_cast<T>(n_pos[i]);
+    st[kPairNumNeg] = static_cast<T>(B - 1 - n_pos[i]);
   }
 }
 
@@ -1233,8 +1234,8 @@ void with_twoset(const PairwiseSpec& spec, Fn&& fn) {
   }
 }
 
-void sym_accumulate(const at::Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec,
-                    at::Tensor& acc) {
+void sym_accumulate(at::Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec, at::Tensor& acc,
+                    bool want_grad) {
   sym_dispatch(S, rows, [&](auto t0, auto l0) {
     using T = decltype(t0);
     using L = decltype(l0);
@@ -1244,7 +1245,7 @@ void sym_accumulate(const at::Tensor& S, int64_t row0, const PairwiseRows& rows,
     if (spec.loss == kSupCon) {
       return lse_sym_accumulate<T, L, SupConLogits<T>, true>(st, SupConLogits<T>{T(1) / p0}, a);
     }
-    if (spec.loss == kContrastive) return contrastive_sym_accumulate(st, p0, p1, spec.direct(), a);
+    if (spec.loss == kContrastive) return contrastive_sym_accumulate(st, p0, p1, spec.direct(), want_grad, a);
     with_twoset<T>(spec, [&](const auto& lg, const auto&, bool) {
       lse_sym_accumulate<T, L, std::decay_t<decltype(lg)>, false>(st, lg, a);
     });
@@ -1260,7 +1261,7 @@ void sym_finish(const at::Tensor& acc, const PairwiseRows& rows, const PairwiseS
     T* st = row_stats.data_ptr<T>();
     const int64_t B = acc.size(0);
     if (spec.loss == kSupCon) return supcon_sym_finish(a, lab, B, st);
-    if (spec.loss == kContrastive) return contrastive_sym_finish(a, B, st);
+    if (spec.loss == kContrastive) return contrastive_sym_finish(a, lab, B, st);
     with_twoset<T>(spec, [&](const auto&, const auto& combine, bool row_counted) {
       twoset_sym_finish(a, lab, B, combine, row_counted, st);
     });
@@ -1303,7 +1304,7 @@ void sym_gradient(at::Tensor& S, int64_t row0, const PairwiseRows& rows, const P
 
 const SymmetricEpilogue kSymTwoPass{5, true, &sym_accumulate, &sym_finish, &sym_gradient, kCpuStripElems};
 const SymmetricEpilogue kSymSupCon{5, true, &sym_accumulate, &sym_finish, &sym_gradient, kCpuStripElems};
-const SymmetricEpilogue kSymContrastive{6, false, &sym_accumulate, &sym_finish, &sym_gradient, kCpuStripElems};
+const SymmetricEpilogue kSymContrastive{4, false, &sym_accumulate, &sym_finish, &sym_gradient, kCpuStripElems};
 
 // The symmetric engine's epilogue for this problem, or nullptr (then the strip engine runs).
 const SymmetricEpilogue* symmetric_epilogue(const PairwiseSpec& spec) {
