@@ -521,32 +521,29 @@ void triplet_all_row(const Row<T, L> r, Scratch<T>& sc, const PairwiseSpec& spec
 // ---------------------------------------------------------------- triplet, one triplet per anchor
 
 // The first candidate j (in `cand`) whose value in d is the largest (want_max) or smallest, or
-// -1 without a candidate.
+// -1 without a candidate. The candidates' values are written to tmp first, so that the reduction
+// is a plain max / min over an array (the canonical form; see twoset_forward).
 template <typename T, typename Cand>
-SLF_HD int64_t first_extreme(const T* d, int64_t M, bool want_max, const Cand& cand) {
-  const T inf = static_cast<T>(INFINITY);
-  T best = want_max ? -inf : inf;
+SLF_HD int64_t first_extreme(const T* d, T* tmp, int64_t M, bool want_max, const Cand& cand) {
+  const T fill = want_max ? neg_inf<T>() : static_cast<T>(INFINITY);
   int64_t n = 0;
-  if (want_max) {
-#pragma omp simd reduction(max : best) reduction(+ : n)
-    for (int64_t j = 0; j < M; ++j) {
-      const bool c = cand(j);
-      const T v = c ? d[j] : -inf;
-      best = best > v ? best : v;  // canonical max/min forms, see twoset_forward
-      n += c ? 1 : 0;
-    }
-  } else {
-#pragma omp simd reduction(min : best) reduction(+ : n)
-    for (int64_t j = 0; j < M; ++j) {
-      const bool c = cand(j);
-      const T v = c ? d[j] : inf;
-      best = best < v ? best : v;
-      n += c ? 1 : 0;
-    }
+#pragma omp simd reduction(+ : n)
+  for (int64_t j = 0; j < M; ++j) {
+    const bool c = cand(j);
+    tmp[j] = c ? d[j] : fill;
+    n += c ? 1 : 0;
   }
   if (n == 0) return -1;
+  T best = fill;
+  if (want_max) {
+#pragma omp simd reduction(max : best)
+    for (int64_t j = 0; j < M; ++j) best = best > tmp[j] ? best : tmp[j];
+  } else {
+#pragma omp simd reduction(min : best)
+    for (int64_t j = 0; j < M; ++j) best = best < tmp[j] ? best : tmp[j];
+  }
   for (int64_t j = 0; j < M; ++j) {
-    if (cand(j) && d[j] == best) return j;
+    if (tmp[j] == best && cand(j)) return j;
   }
   return -1;  // only infinite or NaN candidates: no pick
 }
@@ -558,8 +555,8 @@ SLF_HD int64_t first_extreme(const T* d, int64_t M, bool want_max, const Cand& c
 // pick, taken first); the anchor's own memory slot is then a positive candidate
 // (miner_sees_self) whose triplet is dropped, as PML's CrossBatchMemory removes it.
 template <typename T, typename L>
-SLF_HD void triplet_hard_row(const Row<T, L> r, T* buf, const PairwiseSpec& spec, bool want_stats, bool want_grad,
-                             T w) {
+SLF_HD void triplet_hard_row(const Row<T, L> r, T* buf, T* tmp, const PairwiseSpec& spec, bool want_stats,
+                             bool want_grad, T w) {
   SLF_ROW_LOCALS(r);
   const T margin = static_cast<T>(spec.p[0]);
   const bool direct = spec.direct();
@@ -580,12 +577,12 @@ SLF_HD void triplet_hard_row(const Row<T, L> r, T* buf, const PairwiseSpec& spec
   }
   // Picks on the distance d: a hard positive is the farthest, a hard negative the nearest.
   const auto pos_pick = [&](T bound) {  // bound: semihard positives are nearer than it
-    return first_extreme(buf, M, pick_p != kPickEasy, [&](int64_t j) {
+    return first_extreme(buf, tmp, M, pick_p != kPickEasy, [&](int64_t j) {
       return lab[j] == li && j != skip && (pick_p != kPickSemihard || buf[j] < bound);
     });
   };
   const auto neg_pick = [&](T bound) {  // bound: semihard negatives are farther than it
-    return first_extreme(buf, M, pick_n == kPickEasy, [&](int64_t j) {
+    return first_extreme(buf, tmp, M, pick_n == kPickEasy, [&](int64_t j) {
       return lab[j] != li && (pick_n != kPickSemihard || buf[j] > bound);
     });
   };
@@ -700,7 +697,7 @@ SLF_CPU_MULTIVERSION void other_rows(const StripArgs<T, L>& a, int64_t r_begin, 
         break;
       }
       case kTripletHard:
-        triplet_hard_row(row, sc.a.data(), spec, !a.backward, a.backward || a.want_grad,
+        triplet_hard_row(row, sc.a.data(), sc.b.data(), spec, !a.backward, a.backward || a.want_grad,
                          a.backward && row.stats[kPairCount0] == T(0) ? T(0) : w0);
         break;
       default:
@@ -910,17 +907,14 @@ SLF_CPU_MULTIVERSION void lse_sym_block(const SymStrip<T, L>& st, const Logits& 
   }
 }
 
-// The strip's statistics pass: column blocks in parallel, then each row's block partials merged
-// in block order (deterministic) into acc.
-template <typename T, typename L, typename Logits, bool kSumPos>
-void lse_sym_accumulate(const SymStrip<T, L>& st, const Logits& lg, T* acc) {
+// The strip's statistics pass: column blocks in parallel (block(c0, c1, row_part)), then each
+// row's block partials merged in block order (deterministic) into acc.
+template <typename T, typename L, typename Block>
+void lse_sym_blocks(const SymStrip<T, L>& st, const Block& block, T* acc) {
   const int64_t t = st.t, W = st.W, blocks = (W + kSymCols - 1) / kSymCols;
   std::vector<T> parts(blocks * t * 5);
   at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      lse_sym_block<T, L, Logits, kSumPos>(st, lg, k * kSymCols, std::min(W, (k + 1) * kSymCols),
-                                           parts.data() + k * t * 5, acc);
-    }
+    for (int64_t k = b; k < e; ++k) block(k * kSymCols, std::min(W, (k + 1) * kSymCols), parts.data() + k * t * 5);
   });
   at::parallel_for(0, t, 256, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
@@ -933,6 +927,66 @@ void lse_sym_accumulate(const SymStrip<T, L>& st, const Logits& lg, T* acc) {
       }
     }
   });
+}
+
+template <typename T, typename L, typename Logits, bool kSumPos>
+void lse_sym_accumulate(const SymStrip<T, L>& st, const Logits& lg, T* acc) {
+  lse_sym_blocks(st, [&](int64_t c0, int64_t c1, T* part) { lse_sym_block<T, L, Logits, kSumPos>(st, lg, c0, c1, part, acc); },
+                 acc);
+}
+
+// SupCon's logits s / t are bounded by K = max_i ||x_i||^2 / t (|s_ij| <= sqrt(n_i n_j)): with
+// that one shift for every anchor, exp(a - K) stays in float range when the logits span at most
+// kFixedShiftSpan (2K), and one exp per pair serves both of its anchors, in both passes. NaN when
+// the bound does not apply (then the max-shifted tiles run).
+constexpr double kFixedShiftSpan = 80.0;
+
+template <typename T>
+T supcon_fixed_shift(const PairwiseRows& rows, const PairwiseSpec& spec) {
+  if (spec.value != kValueGemm) return std::numeric_limits<T>::quiet_NaN();
+  const T K = rows.x_sq.max().template item<T>() / static_cast<T>(spec.p[0]);
+  return (K >= T(0) && 2 * K <= T(kFixedShiftSpan)) ? K : std::numeric_limits<T>::quiet_NaN();
+}
+
+template <typename T, typename L>
+SLF_CPU_MULTIVERSION void supcon_sym_block_fixed(const SymStrip<T, L>& st, T inv_t, T K, int64_t c0, int64_t c1,
+                                                 T* row_part, T* acc) {
+  const int64_t n = c1 - c0, W = st.W, t = st.t;
+  std::vector<T> col(3 * n, T(0));
+  T* const czp = col.data();
+  T* const czn = czp + n;
+  T* const csa = czn + n;
+  const L* const lc = st.lab + st.row0 + c0;
+  for (int64_t r = 0; r < t; ++r) {
+    const T* s = st.S + r * W + c0;
+    const L li = st.lab[st.row0 + r];
+    const int64_t self_q = r - c0;
+    T zp = T(0), zn = T(0), sa = T(0);
+#pragma omp simd reduction(+ : zp, zn, sa)
+    for (int64_t q = 0; q < n; ++q) {
+      const bool same = lc[q] == li, mine = q != self_q;
+      const T a = s[q] * inv_t;
+      const T e = exp_fast(a - K);
+      zp += (same && mine) ? e : T(0);
+      zn += same ? T(0) : e;
+      sa += (same && mine) ? a : T(0);
+      czp[q] += same ? e : T(0);
+      czn[q] += same ? T(0) : e;
+      csa[q] += same ? a : T(0);
+    }
+    T* part = row_part + r * 5;
+    part[0] = K;
+    part[1] = zp;
+    part[2] = K;
+    part[3] = zn;
+    part[4] = sa;
+  }
+  for (int64_t q = std::max<int64_t>(0, t - c0); q < n; ++q) {
+    T* a = acc + (st.row0 + c0 + q) * 5;
+    merge_mz(a[0], a[1], K, czp[q]);
+    merge_mz(a[2], a[3], K, czn[q]);
+    a[4] += csa[q];
+  }
 }
 
 // Per anchor: its positives and negatives among the other anchors (labels equal / different).
@@ -1068,6 +1122,29 @@ std::vector<T> supcon_sym_coefficients(const T* stats, const T* w, int64_t lo, i
     c[2 * W + k] = st[kPairAux0];
   }
   return c;
+}
+
+// With the fixed shift K: pi_ij = exp(a_ij - K) exp(K - lse_i), the second factor per anchor.
+template <typename T, typename L>
+SLF_CPU_MULTIVERSION void supcon_sym_grad_rows_fixed(const SymStrip<T, L>& st, T inv_t, T K, const T* cof,
+                                                     int64_t r0, int64_t r1) {
+  const int64_t W = st.W, t = st.t;
+  const T* const csp = cof;  // w/t exp(K - lse) (0 if the anchor does not count)
+  const T* const cqp = cof + W;
+  const L* const lc = st.lab + st.row0;
+  for (int64_t r = r0; r < r1; ++r) {
+    T* s = st.S + r * W;
+    const L li = lc[r];
+    const T csi = csp[r], cqi = cqp[r];
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) {
+      const T e = exp_fast(s[c] * inv_t - K);
+      const bool same = lc[c] == li;
+      const T gi = csi * e - (same ? cqi : T(0));
+      const T gj = csp[c] * e - (same ? cqp[c] : T(0));
+      s[c] = (c != r ? gi : T(0)) + (c >= t ? gj : T(0));
+    }
+  }
 }
 
 template <typename T, typename L>
@@ -1243,7 +1320,13 @@ void sym_accumulate(at::Tensor& S, int64_t row0, const PairwiseRows& rows, const
     T* a = acc.data_ptr<T>();
     const T p0 = static_cast<T>(spec.p[0]), p1 = static_cast<T>(spec.p[1]);
     if (spec.loss == kSupCon) {
-      return lse_sym_accumulate<T, L, SupConLogits<T>, true>(st, SupConLogits<T>{T(1) / p0}, a);
+      const T inv_t = T(1) / p0, K = supcon_fixed_shift<T>(rows, spec);
+      if (K == K) {
+        return lse_sym_blocks(st, [&](int64_t c0, int64_t c1, T* part) {
+          supcon_sym_block_fixed(st, inv_t, K, c0, c1, part, a);
+        }, a);
+      }
+      return lse_sym_accumulate<T, L, SupConLogits<T>, true>(st, SupConLogits<T>{inv_t}, a);
     }
     if (spec.loss == kContrastive) return contrastive_sym_accumulate(st, p0, p1, spec.direct(), want_grad, a);
     with_twoset<T>(spec, [&](const auto& lg, const auto&, bool) {
@@ -1280,7 +1363,14 @@ void sym_gradient(at::Tensor& S, int64_t row0, const PairwiseRows& rows, const P
     const int64_t grain = row_grain(st.W);
     const int64_t B = row_stats.size(0);
     if (spec.loss == kSupCon) {
-      const std::vector<T> cof = supcon_sym_coefficients(stats, w, row0, B, T(1) / p0);
+      std::vector<T> cof = supcon_sym_coefficients(stats, w, row0, B, T(1) / p0);
+      const T K = supcon_fixed_shift<T>(rows, spec);
+      if (K == K) {
+        for (int64_t c = 0; c < st.W; ++c) cof[c] = cof[c] == T(0) ? T(0) : cof[c] * exp_(K - cof[2 * st.W + c]);
+        return at::parallel_for(0, st.t, grain, [&](int64_t b, int64_t e) {
+          supcon_sym_grad_rows_fixed(st, T(1) / p0, K, cof.data(), b, e);
+        });
+      }
       return at::parallel_for(0, st.t, grain, [&](int64_t b, int64_t e) {
         supcon_sym_grad_rows(st, T(1) / p0, cof.data(), b, e);
       });

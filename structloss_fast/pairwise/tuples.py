@@ -26,7 +26,7 @@ from .distances import DistanceSpec
 from .reducers import Elements
 
 # Pairs per chunk of the gathered rows (chunk x D floats at a time).
-CHUNK = 1 << 16
+CHUNK = 1 << 14
 
 
 # ---------------------------------------------------------------- the tuples
@@ -109,44 +109,96 @@ def _unique_pairs(a: Tensor, b: Tensor, M: int) -> tuple[Tensor, Tensor, Tensor]
 # ---------------------------------------------------------------- pair values
 
 
+# A strip of anchors whose listed pairs fill at least 1 / DENSE_RATIO of its strip x M
+# similarities is computed with one GEMM and gathered (a GEMM's multiply-add is some 30 times
+# cheaper than a gathered row's); sparser strips gather the listed rows only. Either way the
+# work is O(pairs x D) up to that constant, and memory O(strip x M), never B x M.
+DENSE_RATIO = 16
+
+
+def _plan(rows: Tensor, B: int, M: int):
+    """Strips (r0, r1, k0, k1, dense) of the anchors of the pairs (sorted by anchor)."""
+    T = max(1, min(B, (1 << 22) // max(M, 1)))
+    bounds = torch.searchsorted(rows, torch.arange(0, B + T, T, device=rows.device).clamp_max(B)).tolist()
+    plan = []
+    for k, r0 in enumerate(range(0, B, T)):
+        r1 = min(B, r0 + T)
+        k0, k1 = bounds[k], bounds[k + 1]
+        if k1 > k0:
+            plan.append((r0, r1, k0, k1, (k1 - k0) * DENSE_RATIO >= (r1 - r0) * M))
+    return plan
+
+
 class _PairValues(torch.autograd.Function):
-    """v_k = <x[rows_k], r[cols_k]> ("dot") or ||x[rows_k] - r[cols_k]||_p ("lp"), in chunks of
-    CHUNK pairs: the gathered rows are never all held, forward or backward."""
+    """v_k = <x[rows_k], r[cols_k]> ("dot") or ||x[rows_k] - r[cols_k]||_p ("lp") for the listed
+    pairs: dense strips of anchors by a GEMM, sparse ones by gathering the rows in chunks of
+    CHUNK pairs (pairs sorted by anchor first, unless they already are, as miners list them)."""
 
     @staticmethod
     def forward(ctx, x, r, rows, cols, kind, p):
+        B, M = x.shape[0], r.shape[0]
+        order = None
+        if rows.numel() > 1 and not bool((rows[1:] >= rows[:-1]).all()):
+            order = torch.argsort(rows, stable=True)
+            rows, cols = rows[order], cols[order]
+        plan = _plan(rows, B, M)
+        lp2 = kind == "lp" and p == 2.0
+        nx = (x * x).sum(1) if lp2 else None
+        nr = (r * r).sum(1) if lp2 else None
         out = x.new_empty(rows.shape[0])
-        for c in range(0, rows.shape[0], CHUNK):
-            xa, rb = x[rows[c:c + CHUNK]], r[cols[c:c + CHUNK]]
-            out[c:c + CHUNK] = (xa * rb).sum(1) if kind == "dot" else torch.linalg.vector_norm(xa - rb, ord=p, dim=1)
-        ctx.save_for_backward(x, r, rows, cols, out)
-        ctx.kind, ctx.p = kind, p
-        return out
+        for r0, r1, k0, k1, dense in plan:
+            a, c = rows[k0:k1], cols[k0:k1]
+            if dense and (kind == "dot" or lp2):
+                g = (x[r0:r1] @ r.T)[a - r0, c]
+                out[k0:k1] = g if kind == "dot" else (nx[a] + nr[c] - 2 * g).clamp_min(0).sqrt()
+                continue
+            for q in range(k0, k1, CHUNK):
+                e = min(k1, q + CHUNK)
+                xa, rb = x[rows[q:e]], r[cols[q:e]]
+                out[q:e] = (xa * rb).sum(1) if kind == "dot" else torch.linalg.vector_norm(xa - rb, ord=p, dim=1)
+        ctx.save_for_backward(x, r, rows, cols, out, order)
+        ctx.kind, ctx.p, ctx.plan = kind, p, plan
+        if order is None:
+            return out
+        return torch.empty_like(out).index_copy_(0, order, out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, r, rows, cols, out = ctx.saved_tensors
-        gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        gr = torch.zeros_like(r) if ctx.needs_input_grad[1] else None
-        for c in range(0, rows.shape[0], CHUNK):
-            ra, cb, gc = rows[c:c + CHUNK], cols[c:c + CHUNK], g[c:c + CHUNK]
-            xa, rb = x[ra], r[cb]
-            if ctx.kind == "dot":
-                da, db = gc[:, None] * rb, gc[:, None] * xa
-            else:
-                diff = xa - rb
-                d = out[c:c + CHUNK]
-                # d ||u||_p / du = sign(u) |u|^(p-1) / ||u||^(p-1); 0 at u = 0 (torch.cdist's convention).
-                scale = torch.where(d > 0, gc / d.pow(ctx.p - 1), torch.zeros_like(d))
-                scale = torch.where(d.isnan(), d, scale)
-                da = scale[:, None] * diff.sign() * diff.abs().pow(ctx.p - 1)
-                db = -da
-            if gx is not None:
+        x, r, rows, cols, out, order = ctx.saved_tensors
+        kind, p = ctx.kind, ctx.p
+        if order is not None:
+            g = g[order]
+        if kind == "lp":
+            # d ||u||_p / du = sign(u) |u|^(p-1) / ||u||^(p-1); 0 at u = 0 (torch.cdist's convention).
+            g = torch.where(out.isnan(), out, torch.where(out > 0, g / out.pow(p - 1), torch.zeros_like(out)))
+        gx, gr = torch.zeros_like(x), torch.zeros_like(r)
+        for r0, r1, k0, k1, dense in ctx.plan:
+            a, c = rows[k0:k1], cols[k0:k1]
+            if dense and (kind == "dot" or p == 2.0):
+                G = x.new_zeros(r1 - r0, r.shape[0]).index_put_((a - r0, c), g[k0:k1], accumulate=True)
+                xs = x[r0:r1]
+                if kind == "dot":
+                    gx[r0:r1] += G @ r
+                    gr += G.T @ xs
+                else:  # d(||x_a - r_b||)/dx_a = (x_a - r_b) / d: G holds g / d
+                    gx[r0:r1] += G.sum(1, keepdim=True) * xs - G @ r
+                    gr += G.sum(0).unsqueeze(1) * r - G.T @ xs
+                continue
+            for q in range(k0, k1, CHUNK):
+                e = min(k1, q + CHUNK)
+                ra, cb, gc = rows[q:e], cols[q:e], g[q:e, None]
+                xa, rb = x[ra], r[cb]
+                if kind == "dot":
+                    da, db = gc * rb, gc * xa
+                else:
+                    diff = xa - rb
+                    da = gc * (diff if p == 2.0 else diff.sign() * diff.abs().pow(p - 1))
+                    db = -da
                 gx.index_add_(0, ra, da)
-            if gr is not None:
                 gr.index_add_(0, cb, db)
-        return gx, gr, None, None, None, None
+        return (gx if ctx.needs_input_grad[0] else None), (gr if ctx.needs_input_grad[1] else None), \
+            None, None, None, None
 
 
 def pair_values(xq: Tensor, xr: Tensor, rows: Tensor, cols: Tensor, dist: DistanceSpec) -> Tensor:

@@ -94,3 +94,29 @@ def test_non_finite_embeddings_stay_non_finite(monkeypatch):
         out.backward()
         assert not torch.isfinite(out), name
         assert xd.grad.isnan().any(), name
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.1, 0.02])  # 0.02: logits span 100, past the fixed shift
+@pytest.mark.parametrize("raw", [False, True])
+def test_supcon_shift_choices_match_reference(monkeypatch, temperature, raw):
+    """SupCon's statistics use one shift for every anchor when the logits' span allows it (and
+    the running maxima otherwise), with cosine and with raw dot products."""
+    monkeypatch.setenv(STRIP_ENV, "7")
+    x = torch.randn(33, 6, dtype=torch.float64) * (0.4 if raw else 1.0)
+    y = torch.randint(0, 5, (33,))
+    dist = slf.DotProductSimilarity(normalize_embeddings=False) if raw else None
+    got = {}
+    for sym in ("0", "1"):
+        monkeypatch.setenv(ENV, sym)
+        xd = x.clone().requires_grad_()
+        out = slf.supcon_loss(xd, y, temperature=temperature, distance=dist, backend="cpu")
+        out.backward()
+        got[sym] = (out.detach(), xd.grad)
+    assert_tight(got["1"][0], got["0"][0], rtol=1e-11, atol=1e-13)
+    assert_tight(got["1"][1], got["0"][1], rtol=1e-10, atol=1e-13)
+    if not raw:
+        loss = LOSS_BY_NAME["supcon"]
+        exp, eg = run_reference(loss, x, y, params=dict(temperature=temperature))
+        out, g = run(loss, "cpu", torch.device("cpu"), x, y, params=dict(temperature=temperature))
+        assert_tight(out, exp, rtol=1e-10, atol=1e-12)
+        assert_tight(g[0], eg[0], rtol=1e-9, atol=1e-12)
