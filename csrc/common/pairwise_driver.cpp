@@ -365,14 +365,16 @@ void for_each_symmetric_strip(const Prepared& p, const PairwiseSpec& spec, int64
 }
 
 // grad[row0:row0+t] += G x[row0:], grad[row0:] += G^T x[row0:row0+t] (the strip's gradient in g).
-void accumulate_symmetric(at::Tensor& G, const Prepared& p, int64_t row0, at::Tensor (&grad)[2], bool split) {
+void accumulate_symmetric(at::Tensor& G, const Prepared& p, int64_t row0, at::Tensor (&grad)[2], bool split,
+                          bool maybe_sparse) {
   const int64_t t = G.size(0), W = G.size(1);
   const at::Tensor x_rows = p.x.narrow(0, row0, t), cols = p.x.narrow(0, row0, W);
+  maybe_sparse = maybe_sparse ? sparse_override() != 0 : sparse_override() == 1;
   if (split) {
     at::Tensor g_cols[2] = {grad[0].narrow(0, row0, W), grad[1].narrow(0, row0, W)};
     at::Tensor full[2] = {grad[0], grad[1]};
     GradTargets targets{{grad[0].narrow(0, row0, t), grad[1].narrow(0, row0, t)}, {&g_cols[0], &g_cols[1]}, true};
-    if (try_sparse(G, x_rows, cols, targets)) return;
+    if (maybe_sparse && try_sparse(G, x_rows, cols, targets)) return;
     const at::Tensor G0 = G.clamp_max(0);
     G.clamp_min_(0);
     accumulate_dense(G0, x_rows, cols, row0, full[0], g_cols[0], false);
@@ -380,7 +382,11 @@ void accumulate_symmetric(at::Tensor& G, const Prepared& p, int64_t row0, at::Te
     return;
   }
   at::Tensor g_cols = grad[0].narrow(0, row0, W);
-  accumulate_strip_grad(G, x_rows, cols, row0, grad[0], g_cols, false);
+  if (maybe_sparse) {
+    accumulate_strip_grad(G, x_rows, cols, row0, grad[0], g_cols, false);
+  } else {
+    accumulate_dense(G, x_rows, cols, row0, grad[0], g_cols, false);
+  }
 }
 
 }  // namespace
@@ -409,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_symmetric_forward_driver
   const at::Tensor unit = at::ones({B, spec.terms()}, p.x.options());
   const auto to_grad = [&](at::Tensor& strip, int64_t row0, const at::Tensor& chain) {
     values_to_gemm_grad(strip, chain, spec);
-    accumulate_symmetric(strip, p, row0, gx, terms == 2);
+    accumulate_symmetric(strip, p, row0, gx, terms == 2, epi.sparse_grad);
   };
   const auto grad_pass = [&](at::Tensor& strip, int64_t row0, const PairwiseRows& rows, const at::Tensor& chain) {
     epi.gradient(strip, row0, rows, spec, row_stats, unit);
@@ -439,7 +445,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_symmetric_backward_driver(
                              [&](at::Tensor& strip, int64_t row0, const PairwiseRows& rows, const at::Tensor& chain) {
                                epi.gradient(strip, row0, rows, spec, row_stats, row_weights);
                                values_to_gemm_grad(strip, chain, spec);
-                               accumulate_symmetric(strip, p, row0, grad, false);
+                               accumulate_symmetric(strip, p, row0, grad, false, epi.sparse_grad);
                              });
   }
   return {grad[0], at::zeros({0, D}, p.x.options())};

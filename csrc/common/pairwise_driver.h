@@ -56,6 +56,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_backward_driver(
 struct SymmetricEpilogue {
   int64_t acc_cols;  // per-anchor partial statistics
   bool two_pass;     // statistics complete before any gradient (log-sum-exp losses)
+  bool sparse_grad;  // its gradient can be sparse (else the non-zero count is not even taken)
   // Adds the strip's pairs to acc (B x acc_cols; zeros = nothing yet), both anchor sides. With
   // want_grad (one-pass losses only), also overwrites S with the unit-weight gradient, as
   // `gradient` would.

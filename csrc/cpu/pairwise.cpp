@@ -916,17 +916,15 @@ void lse_sym_blocks(const SymStrip<T, L>& st, const Block& block, T* acc) {
   at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) block(k * kSymCols, std::min(W, (k + 1) * kSymCols), parts.data() + k * t * 5);
   });
-  at::parallel_for(0, t, 256, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      T* a = acc + (st.row0 + r) * 5;
-      for (int64_t k = 0; k < blocks; ++k) {
-        const T* p = parts.data() + (k * t + r) * 5;
-        merge_mz(a[0], a[1], p[0], p[1]);
-        merge_mz(a[2], a[3], p[2], p[3]);
-        a[4] += p[4];
-      }
+  for (int64_t r = 0; r < t; ++r) {  // (t x blocks merges: less than a parallel region's cost)
+    T* a = acc + (st.row0 + r) * 5;
+    for (int64_t k = 0; k < blocks; ++k) {
+      const T* p = parts.data() + (k * t + r) * 5;
+      merge_mz(a[0], a[1], p[0], p[1]);
+      merge_mz(a[2], a[3], p[2], p[3]);
+      a[4] += p[4];
     }
-  });
+  }
 }
 
 template <typename T, typename L, typename Logits, bool kSumPos>
@@ -1392,9 +1390,9 @@ void sym_gradient(at::Tensor& S, int64_t row0, const PairwiseRows& rows, const P
   });
 }
 
-const SymmetricEpilogue kSymTwoPass{5, true, &sym_accumulate, &sym_finish, &sym_gradient, kCpuStripElems};
-const SymmetricEpilogue kSymSupCon{5, true, &sym_accumulate, &sym_finish, &sym_gradient, kCpuStripElems};
-const SymmetricEpilogue kSymContrastive{4, false, &sym_accumulate, &sym_finish, &sym_gradient, kCpuStripElems};
+const SymmetricEpilogue kSymTwoPass{5, true, false, &sym_accumulate, &sym_finish, &sym_gradient, kCpuStripElems};
+const SymmetricEpilogue kSymSupCon{5, true, false, &sym_accumulate, &sym_finish, &sym_gradient, kCpuStripElems};
+const SymmetricEpilogue kSymContrastive{4, false, true, &sym_accumulate, &sym_finish, &sym_gradient, kCpuStripElems};
 
 // The symmetric engine's epilogue for this problem, or nullptr (then the strip engine runs).
 const SymmetricEpilogue* symmetric_epilogue(const PairwiseSpec& spec) {
