@@ -18,7 +18,9 @@ TORCH_LIBRARY(structloss_fast, m) {
   // grad_mode (PairGradMode): with kGradX, grad_x (terms, B, D) holds for each term k the
   // gradient of sum_i term_k,i; with kGradXRef also grad_ref (terms, M, D) unless ref_is_x;
   // otherwise (0, B, D) / (0, M, D). Test switches are environment variables, not arguments:
-  // STRUCTLOSS_FAST_PAIRWISE_EPILOGUE=aten, STRUCTLOSS_FAST_PAIRWISE_SPARSE=0|1.
+  // STRUCTLOSS_FAST_PAIRWISE_EPILOGUE=aten, STRUCTLOSS_FAST_PAIRWISE_SPARSE=0|1,
+  // STRUCTLOSS_FAST_PAIRWISE_SYMMETRIC=0|1, STRUCTLOSS_FAST_PAIRWISE_STRIP_ROWS=n. params may end
+  // with the PairExtParam block (a distance's pair values, a fused miner).
   m.def(
       "pairwise_loss(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, int self_offset, bool ref_is_x, "
       "int loss, float[] params, int grad_mode) -> (Tensor row_stats, Tensor grad_x, Tensor grad_ref)");

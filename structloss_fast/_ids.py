@@ -68,6 +68,45 @@ class PairGradMode(enum.IntEnum):
     X_REF = 2
 
 
+class PairExtParam(enum.IntEnum):
+    """Positions in the optional block at the end of pairwise_loss's params (C++ PairExtParam, prefix kExt)."""
+
+    VALUE = 0
+    POWER = 1
+    RAW_NORMS = 2
+    MINER = 3
+    MINER0 = 4
+    MINER1 = 5
+    MINER2 = 6
+
+
+class PairValue(enum.IntEnum):
+    """What a pairwise strip holds when the epilogue reads it (C++ PairValue, prefix kValue)."""
+
+    GEMM = 0
+    NEG_GEMM = 1
+    DIST_POW = 2
+    NEG_DIST_POW = 3
+
+
+class PairMiner(enum.IntEnum):
+    """A miner fused into the pairwise loss's pass (C++ PairMiner, prefix kMiner)."""
+
+    NONE = 0
+    MULTI_SIMILARITY = 1
+    PAIR_MARGIN = 2
+    TRIPLET_WINDOW = 3
+    EASY_HARD = 4
+
+
+class PairPick(enum.IntEnum):
+    """BatchEasyHardMiner's choice of a positive or a negative (C++ PairPick, prefix kPick)."""
+
+    HARD = 0
+    EASY = 1
+    SEMIHARD = 2
+
+
 class SoftmaxTransform(enum.IntEnum):
     """The `transform` argument of the softmax ops."""
 
@@ -117,6 +156,10 @@ CXX_ENUMS = {
     "PairLossKind": (PairLoss, ""),
     "PairStat": (PairStat, "Pair"),
     "PairGradMode": (PairGradMode, "Grad"),
+    "PairExtParam": (PairExtParam, "Ext"),
+    "PairValue": (PairValue, "Value"),
+    "PairMiner": (PairMiner, "Miner"),
+    "PairPick": (PairPick, "Pick"),
     "SoftmaxTransform": (SoftmaxTransform, ""),
     "SoftmaxStat": (SoftmaxStat, "Sm"),
     "SoftmaxParam": (SoftmaxParam, "P"),

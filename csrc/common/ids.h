@@ -79,6 +79,53 @@ enum PairGradMode : int64_t {
   kNumPairGradModes = 3,
 };
 
+// Optional block at the end of pairwise_loss's `params`, after the loss's own parameters: the
+// pair values of a non-default distance and a fused miner (structloss_fast/pairwise/_ops.py
+// writes it; absent means kValueGemm, power 1, normalized rows, no miner). The Triton kernels
+// take no block: their check_supported refuses such problems.
+enum PairExtParam : int64_t {
+  kExtValue = 0,     // PairValue
+  kExtPower = 1,     // the distance's power q (kValueDistPow, kValueNegDistPow)
+  kExtRawNorms = 2,  // 1: rows not normalized; the gradient through their norms is added
+  kExtMiner = 3,     // PairMiner
+  kExtMiner0 = 4,    // the miner's parameters (PairMiner's comments)
+  kExtMiner1 = 5,
+  kExtMiner2 = 6,
+  kNumPairExtParams = 7,
+};
+
+// What a strip holds when the epilogue reads it. g = x_i . r_j (the GEMM); d = ||x_i - r_j||
+// from the rows' squared norms, sqrt(max(n_i + n_j - 2 g, 0)). The similarity losses read the
+// strip as their similarity; the distance losses (contrastive, triplet) compute d inline from
+// g (kValueGemm) or read the strip as their distance (the others).
+enum PairValue : int64_t {
+  kValueGemm = 0,        // g as it is (cosine or dot-product similarity; inline d)
+  kValueNegGemm = 1,     // -g: a similarity given to a distance loss
+  kValueDistPow = 2,     // d^q: a distance loss with a power
+  kValueNegDistPow = 3,  // -d^q: a distance given to a similarity loss
+  kNumPairValues = 4,
+};
+
+// A miner fused into the loss's pass. Its rules are written on u = the pair value oriented as
+// a similarity (u = v for the similarity losses, -v for the distance losses), so one rule
+// serves both orientations; Python converts PML's thresholds to u.
+enum PairMiner : int64_t {
+  kMinerNone = 0,
+  kMinerMultiSimilarity = 1,  // epsilon: positive kept if u - eps < max_N u, negative if u + eps > min_P u
+  kMinerPairMargin = 2,       // (pos, neg): positive kept if u < pos, negative if u > neg
+  kMinerTripletWindow = 3,    // (lo, hi): triplet kept if lo < u_ap - u_an <= hi (TripletMarginMiner)
+  kMinerEasyHard = 4,         // (pos pick, neg pick) as PairPick: one triplet per anchor (BatchEasyHardMiner)
+  kNumPairMiners = 5,
+};
+
+// BatchEasyHardMiner's choice of an anchor's positive or negative.
+enum PairPick : int64_t {
+  kPickHard = 0,      // positive: least similar; negative: most similar
+  kPickEasy = 1,      // positive: most similar; negative: least similar
+  kPickSemihard = 2,  // relative to the other pick: positive more similar than it (the least so), negative less
+  kNumPairPicks = 3,
+};
+
 // ---- softmax family ----
 
 // The `transform` argument: how a row's raw values become logits.

@@ -18,14 +18,15 @@ struct Masks {
   Tensor same, pos, neg, npos, nneg;
 };
 
-Masks make_masks(const Tensor& S, int64_t row0, const Tensor& labels, const Tensor& ref_labels,
-                 const PairwiseSpec& spec) {
+Masks make_masks(const Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec) {
+  TORCH_CHECK(spec.miner == kMinerNone, "structloss_fast: the ATen pairwise epilogue has no fused miner");
   const int64_t t = S.size(0), M = S.size(1);
   Masks m;
-  m.same = labels.narrow(0, row0, t).unsqueeze(1).eq(ref_labels.unsqueeze(0));
+  m.same = rows.labels.narrow(0, row0, t).unsqueeze(1).eq(rows.ref_labels.unsqueeze(0));
   m.pos = m.same.clone();
   if (spec.self_offset >= 0) {
-    const Tensor cols = at::arange(row0, row0 + t, labels.options().dtype(at::kLong)).add(spec.self_offset).remainder(M);
+    const Tensor cols =
+        at::arange(row0, row0 + t, rows.labels.options().dtype(at::kLong)).add(spec.self_offset).remainder(M);
     m.pos.scatter_(1, cols.unsqueeze(1), false);
   }
   m.neg = m.same.logical_not();
@@ -43,9 +44,15 @@ Tensor counts_nonzero(const Tensor& v) { return v.le(0).logical_not().to(v.scala
 // d/dx relu(x) (0 at 0), NaN kept.
 Tensor relu_grad(const Tensor& x) { return at::where(x.gt(0), at::ones_like(x), at::where(x.isnan(), x, at::zeros_like(x))); }
 
-Tensor unit_distance(const Tensor& s) { return (2 - 2 * s).clamp_min(0).sqrt(); }
+// The distance losses' d: the strip itself when it holds distances (spec.direct()), else
+// ||x_i - r_j|| from g and the rows' squared norms; and dd/d(strip value).
+Tensor distance(const Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec) {
+  if (spec.direct()) return S;
+  return (rows.x_sq.narrow(0, row0, S.size(0)).unsqueeze(1) + rows.ref_sq.unsqueeze(0) - 2 * S).clamp_min(0).sqrt();
+}
 
-Tensor unit_distance_grad(const Tensor& d) {
+Tensor distance_grad(const Tensor& d, const PairwiseSpec& spec) {
+  if (spec.direct()) return at::ones_like(d);
   return at::where(d.gt(0), -d.reciprocal(), at::where(d.isnan(), d, at::zeros_like(d)));
 }
 
@@ -102,22 +109,22 @@ struct Triplets {
 // All triplets of each anchor by sorting: for a positive p, the active negatives are those with
 // d_n < d_p + margin (a prefix of the sorted negatives); for a negative n, the active
 // positives are those with d_p > d_n - margin.
-Triplets all_triplets(const Tensor& S, const Masks& m, double margin) {
+Triplets all_triplets(const Tensor& d, const Masks& m, double margin) {
   Triplets r;
   const double inf = std::numeric_limits<double>::infinity();
-  r.d = unit_distance(S);
+  r.d = d;
   const Tensor dn_sorted = std::get<0>(at::where(m.neg, r.d, at::full_like(r.d, inf)).sort(1)).contiguous();
   const Tensor dp_sorted = std::get<0>(at::where(m.pos, r.d, at::full_like(r.d, inf)).sort(1)).contiguous();
   const Tensor thr = (r.d + margin).contiguous();
   const Tensor k = at::searchsorted(dn_sorted, thr, /*out_int32=*/false, /*right=*/false);
   const Tensor finite_n = at::where(dn_sorted.isinf(), at::zeros_like(dn_sorted), dn_sorted).to(at::kDouble);
-  const Tensor prefix = at::cat({at::zeros({S.size(0), 1}, finite_n.options()), finite_n.cumsum(1)}, 1);
+  const Tensor prefix = at::cat({at::zeros({d.size(0), 1}, finite_n.options()), finite_n.cumsum(1)}, 1);
   const Tensor contrib = k.to(at::kDouble) * thr.to(at::kDouble) - prefix.gather(1, k);
-  r.loss = at::where(m.pos, contrib, at::zeros_like(contrib)).sum(1).to(S.scalar_type());
-  r.kp = at::where(m.pos, k.to(S.scalar_type()), at::zeros_like(r.d));
+  r.loss = at::where(m.pos, contrib, at::zeros_like(contrib)).sum(1).to(d.scalar_type());
+  r.kp = at::where(m.pos, k.to(d.scalar_type()), at::zeros_like(r.d));
   r.count = r.kp.sum(1);
   const Tensor below = at::searchsorted(dp_sorted, (r.d - margin).contiguous(), false, /*right=*/true);
-  r.cntn = at::where(m.neg, m.npos.unsqueeze(1) - below.to(S.scalar_type()), at::zeros_like(r.d));
+  r.cntn = at::where(m.neg, m.npos.unsqueeze(1) - below.to(d.scalar_type()), at::zeros_like(r.d));
   r.has_nan = r.d.isnan().logical_and(m.pos.logical_or(m.neg)).any(1);
   const double nan = std::numeric_limits<double>::quiet_NaN();
   r.loss = at::where(r.has_nan, at::full_like(r.loss, nan), r.loss);
@@ -129,25 +136,25 @@ struct Hardest {
   Tensor d, jp, jn, best_p, best_n, loss, counted;
 };
 
-Hardest hardest(const Tensor& S, const Masks& m, double margin) {
+Hardest hardest(const Tensor& d, const Masks& m, double margin) {
   Hardest h;
   const double inf = std::numeric_limits<double>::infinity();
-  h.d = unit_distance(S);
+  h.d = d;
   h.jp = at::where(m.pos, h.d, at::full_like(h.d, -inf)).argmax(1, /*keepdim=*/true);
   h.jn = at::where(m.neg, h.d, at::full_like(h.d, inf)).argmin(1, /*keepdim=*/true);
   h.best_p = h.d.gather(1, h.jp).squeeze(1);
   h.best_n = h.d.gather(1, h.jn).squeeze(1);
   const Tensor valid = m.npos.gt(0).logical_and(m.nneg.gt(0));
   h.loss = at::where(valid, ((h.best_p - h.best_n) + margin).relu(), at::zeros_like(h.best_p));
-  h.counted = valid.logical_and(h.loss.le(0).logical_not()).to(S.scalar_type());
+  h.counted = valid.logical_and(h.loss.le(0).logical_not()).to(d.scalar_type());
   return h;
 }
 
-Tensor hardest_grad(const Hardest& h, const Tensor& w) {
+Tensor hardest_grad(const Hardest& h, const Tensor& w, const PairwiseSpec& spec) {
   const Tensor g = w * h.counted * relu_grad(h.loss);
   Tensor G = at::zeros_like(h.d);
-  G.scatter_add_(1, h.jp, (g * unit_distance_grad(h.best_p)).unsqueeze(1));
-  G.scatter_add_(1, h.jn, (-g * unit_distance_grad(h.best_n)).unsqueeze(1));
+  G.scatter_add_(1, h.jp, (g * distance_grad(h.best_p, spec)).unsqueeze(1));
+  G.scatter_add_(1, h.jn, (-g * distance_grad(h.best_n, spec)).unsqueeze(1));
   return G;
 }
 
@@ -161,9 +168,9 @@ void write_stats(Tensor& st, const Tensor& aux0, const Tensor& aux1, const Tenso
   st.select(1, kPairNumNeg).copy_(m.nneg);
 }
 
-void aten_forward(Tensor& S, int64_t row0, const Tensor& labels, const Tensor& ref_labels, const PairwiseSpec& spec,
-                  bool want_grad, Tensor& row_stats) {
-  const Masks m = make_masks(S, row0, labels, ref_labels, spec);
+void aten_forward(Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec, bool want_grad,
+                  Tensor& row_stats) {
+  const Masks m = make_masks(S, row0, rows, spec);
   Tensor st = row_stats.narrow(0, row0, S.size(0));
   const double t = spec.p[0];
   Tensor G;
@@ -200,33 +207,36 @@ void aten_forward(Tensor& S, int64_t row0, const Tensor& labels, const Tensor& r
       break;
     }
     case kContrastive: {
-      const Tensor d = unit_distance(S);
+      const Tensor d = distance(S, row0, rows, spec);
       const Tensor lp = at::where(m.pos, (d - spec.p[0]).relu(), at::zeros_like(d));
       const Tensor ln = at::where(m.neg, (spec.p[1] - d).relu(), at::zeros_like(d));
       write_stats(st, Tensor(), Tensor(), lp.sum(1), (counts_nonzero(lp) * m.pos).sum(1), m);
       st.select(1, kPairSum1).copy_(ln.sum(1));
       st.select(1, kPairCount1).copy_((counts_nonzero(ln) * m.neg).sum(1));
       if (want_grad) {  // unit weights; the driver splits the terms by sign (term 0 <= 0 <= term 1)
-        const Tensor dd = unit_distance_grad(d);
+        const Tensor dd = distance_grad(d, spec);
         G = at::where(m.pos, relu_grad(d - spec.p[0]) * dd,
                       at::where(m.neg, -relu_grad(spec.p[1] - d) * dd, at::zeros_like(d)));
       }
       break;
     }
     case kTripletAll: {
-      const Triplets r = all_triplets(S, m, spec.p[0]);
-      write_stats(st, Tensor(), Tensor(), r.loss, r.count, m);
+      const Triplets r = all_triplets(distance(S, row0, rows, spec), m, spec.p[0]);
+      write_stats(st, m.npos * m.nneg, Tensor(), r.loss, r.count, m);
       if (want_grad) {
-        const Tensor dd = unit_distance_grad(r.d);
+        const Tensor dd = distance_grad(r.d, spec);
         G = at::where(m.pos, r.kp * dd, at::where(m.neg, -r.cntn * dd, at::zeros_like(r.d)));
         G = at::where(r.has_nan.unsqueeze(1), at::full_like(G, std::numeric_limits<double>::quiet_NaN()), G);
       }
       break;
     }
     case kTripletHard: {
-      const Hardest h = hardest(S, m, spec.p[0]);
-      write_stats(st, h.jp.squeeze(1).to(S.scalar_type()), h.jn.squeeze(1).to(S.scalar_type()), h.loss, h.counted, m);
-      if (want_grad) G = hardest_grad(h, at::ones_like(h.loss));
+      const Hardest h = hardest(distance(S, row0, rows, spec), m, spec.p[0]);
+      const Tensor valid = m.npos.gt(0).logical_and(m.nneg.gt(0));
+      const Tensor none = at::full_like(h.best_p, -1);
+      write_stats(st, at::where(valid, h.jp.squeeze(1).to(S.scalar_type()), none),
+                  at::where(valid, h.jn.squeeze(1).to(S.scalar_type()), none), h.loss, h.counted, m);
+      if (want_grad) G = hardest_grad(h, at::ones_like(h.loss), spec);
       break;
     }
     default:
@@ -235,9 +245,9 @@ void aten_forward(Tensor& S, int64_t row0, const Tensor& labels, const Tensor& r
   if (want_grad) S.copy_(G);
 }
 
-void aten_backward(Tensor& S, int64_t row0, const Tensor& labels, const Tensor& ref_labels, const PairwiseSpec& spec,
+void aten_backward(Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec,
                    const Tensor& row_stats, const Tensor& row_weights) {
-  const Masks m = make_masks(S, row0, labels, ref_labels, spec);
+  const Masks m = make_masks(S, row0, rows, spec);
   const Tensor st = row_stats.narrow(0, row0, S.size(0));
   const Tensor w = row_weights.narrow(0, row0, S.size(0));
   const Tensor w0 = w.select(1, 0);
@@ -269,16 +279,16 @@ void aten_backward(Tensor& S, int64_t row0, const Tensor& labels, const Tensor& 
       break;
     }
     case kContrastive: {
-      const Tensor d = unit_distance(S);
-      const Tensor dd = unit_distance_grad(d);
+      const Tensor d = distance(S, row0, rows, spec);
+      const Tensor dd = distance_grad(d, spec);
       const Tensor g_pos = w0.unsqueeze(1) * relu_grad(d - spec.p[0]) * dd;
       const Tensor g_neg = -w.select(1, 1).unsqueeze(1) * relu_grad(spec.p[1] - d) * dd;
       G = at::where(m.pos, g_pos, at::where(m.neg, g_neg, at::zeros_like(d)));
       break;
     }
     case kTripletAll: {
-      const Triplets r = all_triplets(S, m, spec.p[0]);
-      const Tensor dd = unit_distance_grad(r.d);
+      const Triplets r = all_triplets(distance(S, row0, rows, spec), m, spec.p[0]);
+      const Tensor dd = distance_grad(r.d, spec);
       const Tensor wc = w0.unsqueeze(1);
       G = at::where(m.pos, wc * r.kp * dd, at::where(m.neg, -wc * r.cntn * dd, at::zeros_like(r.d)));
       G = at::where(r.has_nan.unsqueeze(1).logical_and(w0.ne(0).unsqueeze(1)),
@@ -286,7 +296,7 @@ void aten_backward(Tensor& S, int64_t row0, const Tensor& labels, const Tensor& 
       break;
     }
     case kTripletHard: {
-      G = hardest_grad(hardest(S, m, spec.p[0]), w0);
+      G = hardest_grad(hardest(distance(S, row0, rows, spec), m, spec.p[0]), w0, spec);
       break;
     }
     default:

@@ -14,13 +14,40 @@ SLF_HD int64_t pair_loss_terms(int64_t kind) { return pair_loss_info(kind).terms
 SLF_HD int64_t pair_loss_params(int64_t kind) { return pair_loss_info(kind).params; }
 SLF_HD bool pair_loss_row_counted(int64_t kind) { return pair_loss_info(kind).row_counted; }
 
-// What a pairwise op computes: the loss, its parameters, and which pairs are self-pairs.
+// Which fused miner each loss's epilogue applies: the pair miners in the two-set losses and
+// contrastive, the triplet window in all-triplets, the easy/hard picks in one-triplet-per-anchor.
+SLF_HD bool pair_miner_fuses(int64_t loss, int64_t miner) {
+  switch (miner) {
+    case kMinerNone: return true;
+    case kMinerMultiSimilarity:
+    case kMinerPairMargin:
+      return loss == kCircle || loss == kUnified || loss == kMultiSimilarity || loss == kContrastive;
+    case kMinerTripletWindow: return loss == kTripletAll;
+    case kMinerEasyHard: return loss == kTripletHard;
+    default: return false;
+  }
+}
+
+// What a pairwise op computes: the loss, its parameters, which pairs are self-pairs, and the
+// optional PairExtParam block (pair values of a non-default distance, a fused miner).
 struct PairwiseSpec {
   int64_t loss;         // PairLossKind (ids.h)
   double p[3];          // the loss's parameters, in schema order (unused ones 0)
   int64_t self_offset;  // -1: no self pairs; else anchor i is reference (self_offset + i) mod M
   bool ref_is_x;        // ref is x itself: reference gradients fold into grad_x
+  int64_t value = kValueGemm;  // PairValue
+  double power = 1.0;
+  bool raw_norms = false;
+  int64_t miner = kMinerNone;  // PairMiner
+  double mp[3] = {0.0, 0.0, 0.0};
   SLF_HD int64_t terms() const { return pair_loss_terms(loss); }
+  // The distance losses read the strip as their distance instead of computing it from g.
+  SLF_HD bool direct() const { return value != kValueGemm; }
+  // A miner sees the anchor's own reference slot as a positive candidate when the references
+  // are another set (a memory queue): pytorch-metric-learning's CrossBatchMemory mines first
+  // and removes the self pairs from the mined tuple afterwards. Without references the
+  // diagonal is no candidate.
+  SLF_HD bool miner_sees_self() const { return !ref_is_x; }
 };
 
 // The reference column of anchor i itself, or -1.
@@ -41,17 +68,55 @@ SLF_HD T relu_grad(T x) {
   return x > T(0) ? T(1) : (x != x ? x : T(0));
 }
 
-// Euclidean distance of unit vectors from their cosine similarity, sqrt(2 - 2s), and its
-// derivative; at distance 0 the derivative is 0, as torch.cdist's.
+// Euclidean distance ||x_i - r_j|| from g = x_i . r_j and the rows' squared norms,
+// sqrt(max(n_i + n_j - 2 g, 0)) (for normalized rows n is 1, or 0 for a zero row, which
+// F.normalize leaves at 0: its distance to a unit row is 1), and its derivative in g; at
+// distance 0 the derivative is 0, as torch.cdist's.
 template <typename T>
-SLF_HD T unit_distance(T s) {
-  T sq = T(2) - T(2) * s;
+SLF_HD T pair_distance(T g, T ni, T nj) {
+  T sq = (ni + nj) - T(2) * g;
   sq = sq < T(0) ? T(0) : sq;
   return sqrt_(sq);
 }
 template <typename T>
-SLF_HD T unit_distance_grad(T d) {
+SLF_HD T pair_distance_grad(T d) {
   return d > T(0) ? T(-1) / d : (d != d ? d : T(0));
+}
+
+// A fused miner's keep rules for one anchor's pairs: positive (negative) pair j is kept when
+// !(sp * v_j + op >= tp) (resp. sn, on, tn), v the value the epilogue reads. Written negated
+// so that a NaN pair is kept (a non-finite input gives a non-finite loss) and so that the
+// default window (tp = tn = inf) keeps every pair. PML's comparisons are reproduced exactly:
+// sp * v + op is v - eps or -(v + eps) (sp = +-1), rounded as PML rounds them.
+template <typename T>
+struct PairWindow {
+  T sp = T(1), op = T(0), tp = static_cast<T>(INFINITY), sn = T(1), on = T(0), tn = static_cast<T>(INFINITY);
+  SLF_HD bool pos(T v) const { return !(sp * v + op >= tp); }
+  SLF_HD bool neg(T v) const { return !(sn * v + on >= tn); }
+};
+
+// The window of a pair miner (kMinerMultiSimilarity, kMinerPairMargin) for an anchor; sigma =
+// +1 for a similarity loss, -1 for a distance loss (u = sigma * v). For multi-similarity,
+// max_neg_u = max over the negatives of u and max_pos_neg_u = max over the positives of -u
+// (both -inf over an empty set, which keeps nothing of the other set, as PML).
+template <typename T>
+SLF_HD PairWindow<T> pair_window(const PairwiseSpec& spec, T sigma, T max_neg_u, T max_pos_neg_u) {
+  PairWindow<T> w;
+  if (spec.miner == kMinerMultiSimilarity) {
+    const T eps = static_cast<T>(spec.mp[0]);
+    w.sp = sigma;  // u - eps < max_N u
+    w.op = -eps;
+    w.tp = max_neg_u;
+    w.sn = -sigma;  // -(u + eps) < max_P (-u)  <=>  u + eps > min_P u
+    w.on = -eps;
+    w.tn = max_pos_neg_u;
+  } else if (spec.miner == kMinerPairMargin) {
+    w.sp = sigma;  // u < pos
+    w.tp = static_cast<T>(spec.mp[0]);
+    w.sn = -sigma;  // -u < -neg  <=>  u > neg
+    w.tn = -static_cast<T>(spec.mp[1]);
+  }
+  return w;
 }
 
 // ---- two-set losses: l = combine(LSE_P a_pos(s), LSE_N a_neg(s)) ----

@@ -113,25 +113,41 @@ LOSS_OP = _oplib.LossOp(
 # ---------------------------------------------------------------- backends
 
 
-def _check_supported(backend: str, *, x: Tensor, loss: int, num_refs=None):
+def _check_supported(backend: str, *, x: Tensor, loss: int, num_refs=None, extended: bool = False,
+                     miner: bool = False, listed: str | None = None):
+    # extended: the params carry the PairExtParam block (a non-default distance or a fused miner);
+    # listed: why the problem needs every pair listed (the pair-list reference, pairwise/tuples.py).
+    if listed:
+        return listed
     if backend == "triton":
+        if extended:
+            return "the Triton kernels take cosine similarities only (no distance= but the loss's default, no fused miner)"
         from . import _triton
 
         return _triton.check_supported(x, loss, num_refs)
+    if backend == "cuda" and miner:
+        return "fused miners run on the CPU engine"
     return None
 
 
 _registry.declare(_registry.OpSpec(
     OP, family="pairwise", kernels=("cpu", "cuda", "triton"), gpu_order=("triton", "cuda"),
     check_supported=_check_supported,
-    limits={"triton": "the loss is the triplet loss over all triplets, or batch-hard triplets over more than 2^24 "
-                      "references in float32 (its configuration table has an entry for every D): then cuda"},
+    limits={"triton": "the loss is the triplet loss over all triplets, batch-hard triplets over more than 2^24 "
+                      "references in float32 (its configuration table has an entry for every D), or distance= "
+                      "is not the loss's default: then cuda",
+            "cuda": "a fused miner: then the miner's tuple is listed and the loss computed on it",
+            "cpu": "a distance other than dot-product similarity (power 1) or an Lp distance with p = 2, or a "
+                   "reducer that needs every pair's loss (DoNothingReducer, a ThresholdReducer other than "
+                   "AvgNonZero on pair losses): then the pair-list reference (pairwise/tuples.py)"},
 ))
 
 
-def resolve(backend: str, x: Tensor, loss: int, ref=None) -> str:
+def resolve(backend: str, x: Tensor, loss: int, ref=None, extended: bool = False, miner: bool = False,
+            listed: str | None = None) -> str:
     return _registry.resolve(OP, backend, x.device, x=x, loss=loss,
-                             num_refs=x.shape[0] if ref is None else ref.shape[0])
+                             num_refs=x.shape[0] if ref is None else ref.shape[0],
+                             extended=extended, miner=miner, listed=listed)
 
 
 # ---------------------------------------------------------------- the one reduction
@@ -164,9 +180,16 @@ def reduce_terms(row_terms: Tensor, batch_totals: Tensor, loss: int, reduction: 
         if reduction == "mean":
             per_term = per_term / batch_totals[:T].clamp_min(1).to(per_term.dtype)
         out = per_term.sum()
-    if PAIR_LOSS_INFO[loss].gated:
-        out = out * ((batch_totals[T] > 0) & (batch_totals[T + 1] > 0)).to(out.dtype)
-    return out
+    return out * gate(batch_totals, loss, out.dtype)
+
+
+def gate(batch_totals: Tensor, loss: int, dtype) -> Tensor | float:
+    """0 for the gated losses (SupCon, NT-Xent, as pytorch-metric-learning) on a batch without any
+    positive or any negative pair, else 1."""
+    if not PAIR_LOSS_INFO[loss].gated:
+        return 1.0
+    T = terms(loss)
+    return ((batch_totals[T] > 0) & (batch_totals[T + 1] > 0)).to(dtype)
 
 
 def reduce(row_stats: Tensor, loss: int, reduction: str) -> Tensor:

@@ -127,7 +127,7 @@ def arcface_loss(embeddings: Tensor, proxies: Tensor, labels: Tensor, *, margin:
                  label_smoothing: float = 0.0, eps: float = 1e-5, fused: bool = True,
                  backend: str = "auto") -> Tensor:
     scale = _validate.number("scale", scale, lo=0.0, lo_open=True)
-    margin = _validate.number("margin", margin, lo=0.0, hi=math.pi / 2)
+    margin = _validate.number("margin", check_arcface_margin(margin), lo=0.0, hi=math.pi / 2)
     return _margin_loss("arcface", embeddings, proxies, labels, scale, margin, weight=weight, log_end=log_end,
                         bonus_weight=bonus_weight, ignore_index=ignore_index, reduction=reduction,
                         label_smoothing=label_smoothing, eps=eps, fused=fused, backend=backend)
@@ -171,6 +171,44 @@ class MarginHead(LossModule):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return type(self)._function(embeddings, self.proxies, labels, **self.options())
 
+    # pytorch-metric-learning's class-weight losses keep W = proxies.T, (embedding_size, num_classes).
+    _PML_WEIGHT = "W"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Also loads a PML state_dict: its W (embedding_size, num_classes) becomes proxies (the
+        transpose); a W of another shape is reported with both layouts."""
+        w_key, p_key = prefix + self._PML_WEIGHT, prefix + "proxies"
+        if w_key in state_dict and p_key not in state_dict:
+            W = state_dict.pop(w_key)
+            C, D = self.proxies.shape
+            if tuple(W.shape) != (D, C):
+                error_msgs.append(f"{type(self).__name__}: pytorch-metric-learning's {w_key} must be (embedding_size, "
+                                  f"num_classes) = ({D}, {C}) (this loss keeps proxies (num_classes, embedding_size) = "
+                                  f"({C}, {D})), got {tuple(W.shape)}")
+                return
+            state_dict[p_key] = W.t()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @classmethod
+    def from_pml(cls, pml_loss, **options):
+        """This loss with the settings and class weights of pytorch-metric-learning's loss of the
+        same name (its margin read in the unit this loss takes; see each class)."""
+        if type(pml_loss).__name__ != cls.__name__:
+            raise TypeError(f"{cls.__name__}.from_pml takes pytorch-metric-learning's {cls.__name__}, got "
+                            f"{type(pml_loss).__name__}")
+        W = pml_loss.W.detach()
+        kw = {**cls._pml_settings(pml_loss), **options}
+        out = cls(W.shape[1], W.shape[0], device=W.device, dtype=W.dtype, **kw)
+        with torch.no_grad():
+            out.proxies.copy_(W.t())
+        return out
+
+    @classmethod
+    def _pml_settings(cls, pml_loss) -> dict:
+        return {}
+
     def logits(self, embeddings: Tensor) -> Tensor:
         """Cosine similarities (N, num_classes) of the embeddings with the class proxies."""
         return _ref.cosine_logits(embeddings, self.proxies)
@@ -199,14 +237,39 @@ class CosFaceLoss(MarginHead):
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.35, scale: float = 64.0, **kwargs):
         super().__init__(num_classes, embedding_size, margin=margin, scale=scale, **kwargs)
 
+    @classmethod
+    def _pml_settings(cls, pml_loss):
+        return dict(margin=float(pml_loss.margin), scale=float(pml_loss.scale))  # a cosine margin in both
+
+
+def check_arcface_margin(margin):
+    """ArcFace's angular margin is in radians here; PML's ArcFaceLoss takes degrees. A number
+    that only makes sense in degrees gets an error that says so."""
+    if isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.pi / 2 < margin <= 180:
+        raise ValueError(f"margin must be in radians in [0, pi/2], got {margin}: pytorch-metric-learning's "
+                         f"ArcFaceLoss takes degrees (its default 28.6 degrees is {math.radians(28.6):.4f} radians); "
+                         f"pass math.radians({margin}) = {math.radians(margin):.4f}, or build the loss with "
+                         f"ArcFaceLoss.from_pml(pml_loss)")
+    return margin
+
 
 class ArcFaceLoss(MarginHead):
+    """ArcFace head. margin in radians (PML's ArcFaceLoss takes degrees: 28.6 degrees = 0.4992 rad,
+    the default here); proxies (num_classes, embedding_size), PML's W transposed. A PML
+    state_dict loads as is (load_state_dict transposes W); ArcFaceLoss.from_pml(pml_loss) copies
+    a PML loss, margin converted."""
+
     _function = arcface_loss
     _options = _head_options("margin", "scale")
 
     def __init__(self, num_classes: int, embedding_size: int, margin: float = ARCFACE_DEFAULT_MARGIN,
                  scale: float = 64.0, **kwargs):
-        super().__init__(num_classes, embedding_size, margin=margin, scale=scale, **kwargs)
+        super().__init__(num_classes, embedding_size, margin=check_arcface_margin(margin), scale=scale, **kwargs)
+
+    @classmethod
+    def _pml_settings(cls, pml_loss):
+        # PML converts its degrees to radians when it is built (ArcFaceLoss.init_margin).
+        return dict(margin=float(pml_loss.margin), scale=float(pml_loss.scale))
 
 
 class CircleClassLoss(MarginHead):

@@ -296,8 +296,12 @@ def test_module_is_a_drop_in_for_pml(name):
     assert torch.allclose(mod(x, y, ref_emb=rx, ref_labels=ry), loss.pml(**loss.other)(x, y, ref_emb=rx, ref_labels=ry),
                           rtol=1e-10, atol=1e-12)
     assert "reduction='mean'" in repr(mod)
-    with pytest.raises(NotImplementedError, match="miners"):
-        mod(x, y, indices_tuple=(torch.tensor([0]), torch.tensor([1]), torch.tensor([2])))
+    t = (torch.tensor([0, 1, 5]), torch.tensor([1, 2, 3]), torch.tensor([2, 7, 9]))
+    if name == "triplet_hard":  # mining="batch_hard" mines its own triplets
+        with pytest.raises(ValueError, match="mining='batch_hard'"):
+            mod(x, y, indices_tuple=t)
+    else:  # a miner's tuple, as PML reads it (tests/pairwise/test_pml_api.py covers the rest)
+        assert torch.allclose(mod(x, y, t), loss.pml(**loss.other)(x, y, t), rtol=1e-10, atol=1e-12)
 
 
 def test_ntxent_two_views_per_class_matches_pml():
