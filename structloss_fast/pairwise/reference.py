@@ -34,7 +34,13 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 def cosine_similarity(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(x.dtype, ref.dtype)
-    return normalize(x.to(dtype)) @ normalize(ref.to(dtype)).T
+    return unit_similarity(normalize(x.to(dtype)), normalize(ref.to(dtype)))
+
+
+def unit_similarity(x_hat: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
+    """s = x^ r^T of normalized rows: the one product every pairwise definition goes through
+    (tests/pairwise/test_fp32_tensor_cores.py replaces it to emulate 3xTF32 arithmetic)."""
+    return x_hat @ r_hat.T
 
 
 def euclidean_distance(x_hat: torch.Tensor, r_hat: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -126,14 +132,14 @@ def _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index):
         B = embeddings.shape[0]
         self_index = torch.arange(B, device=labels.device)
         x_hat = normalize(embeddings)
-        return _Problem(x_hat, x_hat, x_hat @ x_hat.T, *pair_masks(labels, labels, self_index))
+        return _Problem(x_hat, x_hat, unit_similarity(x_hat, x_hat), *pair_masks(labels, labels, self_index))
     M = ref_embeddings.shape[0]
     self_index = None
     if ref_self_index is not None and M > 0:
         self_index = (ref_self_index + torch.arange(embeddings.shape[0], device=labels.device)) % M
     dtype = torch.promote_types(embeddings.dtype, ref_embeddings.dtype)
     x_hat, r_hat = normalize(embeddings.to(dtype)), normalize(ref_embeddings.to(dtype))
-    return _Problem(x_hat, r_hat, x_hat @ r_hat.T, *pair_masks(labels, ref_labels, self_index))
+    return _Problem(x_hat, r_hat, unit_similarity(x_hat, r_hat), *pair_masks(labels, ref_labels, self_index))
 
 
 def _gate(pos, neg):

@@ -61,7 +61,7 @@ def _zero_case_params():
         for name, kw in ZERO_CASES:
             if not runs(b, name):
                 continue
-            marks = [ENGINE_DISTANCES] if b != "reference" else []
+            marks = [ENGINE_DISTANCES] if b == "cpu" or b == "cuda" else []
             out.append(pytest.param(b, d, name, kw, id=f"{b}-{name}", marks=marks))
     return out
 
