@@ -20,7 +20,12 @@ from .._ids import PAIR_LOSS_INFO, PairGradMode, PairLoss, PairStat
 
 # Largest embedding size the kernels hold in one tile (the gradient accumulators span D).
 MAX_D = 2048
-SUPPORTED = tuple(loss for loss in PairLoss if loss != PairLoss.TRIPLET_ALL)
+SUPPORTED = (PairLoss.CIRCLE, PairLoss.UNIFIED, PairLoss.MULTI_SIMILARITY, PairLoss.SUP_CON, PairLoss.NT_XENT,
+             PairLoss.CONTRASTIVE, PairLoss.TRIPLET_HARD)
+# Why the others have no kernel here ("auto" then takes the CUDA backend's strip engine).
+_UNSUPPORTED_WHY = {
+    PairLoss.TRIPLET_ALL: "triplet loss over all triplets has no Triton kernel (it needs per-anchor sorted distances)",
+}
 
 # The ids of csrc/common/ids.h as compile-time constants of the kernels.
 CIRCLE: tl.constexpr = tl.constexpr(int(PairLoss.CIRCLE))
@@ -420,7 +425,8 @@ def _acc(dtype):
 def check_supported(x: torch.Tensor, loss: int) -> str | None:
     """None when the kernels take this problem, else the reason."""
     if loss not in SUPPORTED:
-        return "triplet loss over all triplets has no Triton kernel (it needs per-anchor sorted distances); use backend='cuda'"
+        why = _UNSUPPORTED_WHY.get(loss, f"the {PairLoss(loss).name.lower()} loss has no Triton kernel")
+        return why + "; use backend='cuda'"
     if x.shape[1] > MAX_D:
         return f"the Triton pairwise kernels hold the embedding in one tile and take D <= {MAX_D}, got D={x.shape[1]}"
     return None
