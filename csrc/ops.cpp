@@ -65,7 +65,7 @@ TORCH_LIBRARY(structloss_fast, m) {
       "Tensor row_stats, Tensor row_weights, int ignore_index, int transform, float[] params, bool[3] grad_mask, "
       "int row_chunk, int class_tile) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
-  // Classes with `group` centers each (weight (C group, H), rows c group .. c group + group - 1):
+  // Classes with `group` centers each (weight (group C, H), group-major: center k of class c is row k C + c):
   // the similarities of input (N, H) to the centers are pooled per class (pool: SoftmaxPool,
   // pool_param its parameter) into (N, C) values, which the row kernel takes with its transform
   // and params as softmax_loss (SubCenterArcFace: max + ArcFace; SoftTriple: soft average + CosFace).

@@ -25,7 +25,7 @@ struct Scratch {
   std::vector<T> bins;  // FastAP's histograms and their cumulative sums
   explicit Scratch(int64_t M) : a(M), b(M) {}
   void ensure_bins(int64_t edges) {
-    if (static_cast<int64_t>(bins.size()) < 4 * edges) bins.resize(4 * edges);
+    if (static_cast<int64_t>(bins.size()) < 5 * edges) bins.resize(5 * edges);
   }
   void ensure_triplet(int64_t M) {
     if (static_cast<int64_t>(c.size()) < M) {
@@ -496,53 +496,110 @@ SLF_HD void triplet_hard_row(const Row<T, L> r, T* buf, T margin, bool want_stat
 // Wu et al.'s margin loss over every triplet (a, p, n) of anchor a: relu(d_p - beta + margin) +
 // relu(beta - d_n + margin). Each positive's term recurs once per negative and vice versa, so
 // the anchor's sum is |N| sum_P relu(d_p - beta + margin) + |P| sum_N relu(beta - d_n + margin),
-// its count the non-zero (or NaN) terms counted the same way, and aux0 the derivative of the
-// sum in beta (the anchor's own parameter).
+// its count the non-zero parts counted the same way (a NaN part makes the sum NaN instead of
+// being counted), and aux0 the derivative of the sum in beta (the anchor's own parameter).
 template <typename T, typename L>
 SLF_HD void margin_row(const Row<T, L> r, T margin, T beta, bool want_stats, bool want_grad, T w) {
   SLF_ROW_LOCALS(r);
-  T sum_p = T(0), sum_n = T(0), nz_p = T(0), nz_n = T(0), act_p = T(0), act_n = T(0);
-  int64_t cnt_p = 0, cnt_n = 0;
-#pragma omp simd reduction(+ : sum_p, sum_n, nz_p, nz_n, act_p, act_n, cnt_p, cnt_n)
+  // Written with "active" booleans rather than relu / row_counts / relu_grad: in that form GCC's
+  // vectorizer gave up on the loop, and with 0/1 factors (ip * lp) GCC 12 miscompiles the double
+  // version of the counts. A NaN part is carried into the sums explicitly, and the derivative in
+  // beta is made NaN with it below. Counters in T, for the same reason.
+  T sum_p = T(0), sum_n = T(0), on_p = T(0), on_n = T(0), cnt_p = T(0), cnt_n = T(0);
+#pragma omp simd reduction(+ : sum_p, sum_n, on_p, on_n, cnt_p, cnt_n)
   for (int64_t j = 0; j < M; ++j) {
     const T d = unit_distance(s[j]);
     const bool same = lab[j] == li;
     const bool pos = same && j != self_j;
-    const T lp = relu((d - beta) + margin), ln = relu((beta - d) + margin);
-    sum_p += pos ? lp : T(0);
-    sum_n += same ? T(0) : ln;
-    nz_p += (pos && row_counts(lp)) ? T(1) : T(0);
-    nz_n += (!same && row_counts(ln)) ? T(1) : T(0);
-    act_p += pos ? relu_grad((d - beta) + margin) : T(0);
-    act_n += same ? T(0) : relu_grad((beta - d) + margin);
-    cnt_p += pos ? 1 : 0;
-    cnt_n += same ? 0 : 1;
+    const T lp = (d - beta) + margin, ln = (beta - d) + margin;
+    const bool ap = pos && lp > T(0), an = !same && ln > T(0);
+    sum_p += ap ? lp : ((pos && lp != lp) ? lp : T(0));
+    sum_n += an ? ln : ((!same && ln != ln) ? ln : T(0));
+    on_p += ap ? T(1) : T(0);
+    on_n += an ? T(1) : T(0);
+    cnt_p += pos ? T(1) : T(0);
+    cnt_n += same ? T(0) : T(1);
   }
-  const bool any = cnt_p > 0 && cnt_n > 0;  // an anchor without triplets contributes nothing
-  const T np = static_cast<T>(cnt_p), nn = static_cast<T>(cnt_n);
+  const bool any = cnt_p > T(0) && cnt_n > T(0);  // an anchor without triplets contributes nothing
+  const T np = cnt_p, nn = cnt_n;
+  const T term = nn * sum_p + np * sum_n;
   if (want_stats) {
     T* st = r.stats;
-    st[kPairAux0] = any ? np * act_n - nn * act_p : T(0);
-    st[kPairSum0] = any ? nn * sum_p + np * sum_n : T(0);
-    st[kPairCount0] = any ? nn * nz_p + np * nz_n : T(0);
+    const T dbeta = np * on_n - nn * on_p;
+    st[kPairAux0] = any ? (term != term ? term : dbeta) : T(0);
+    st[kPairSum0] = any ? term : T(0);
+    st[kPairCount0] = any ? nn * on_p + np * on_n : T(0);
     st[kPairNumPos] = np;
     st[kPairNumNeg] = nn;
   }
   if (!want_grad) return;
-  const T wp = any ? w * nn : T(0), wn = any ? w * np : T(0);
+  const T wp = any ? w * nn : T(0), wn = any ? -w * np : T(0);
 #pragma omp simd
   for (int64_t j = 0; j < M; ++j) {
     const T d = unit_distance(s[j]);
     const bool same = lab[j] == li;
     const bool pos = same && j != self_j;
     const T dd = unit_distance_grad(d);
-    const T g_pos = wp * relu_grad((d - beta) + margin) * dd;
-    const T g_neg = -wn * relu_grad((beta - d) + margin) * dd;
-    s[j] = same ? (pos ? g_pos : T(0)) : g_neg;
+    const bool ap = pos && (d - beta) + margin > T(0), an = !same && (beta - d) + margin > T(0);
+    const T nan = d != d ? d : T(0);  // a NaN distance gives a NaN gradient
+    s[j] = ap ? wp * dd : (an ? wn * dd : ((pos || !same) ? nan : T(0)));
   }
 }
 
 // ---------------------------------------------------------------- FastAP
+
+// The loops of a FastAP row, each in a small function of plain pointers: inside fastap_row GCC
+// left them scalar. Counts in T for the same reason.
+template <typename T, typename L>
+SLF_CPU_MULTIVERSION void fastap_sq_distances(const T* s, const L* lab, L li, int64_t self_j, int64_t M, T* d2,
+                                              T* counts) {
+  T cnt_p = T(0), cnt_n = T(0), n_nan = T(0);
+#pragma omp simd reduction(+ : cnt_p, cnt_n, n_nan)
+  for (int64_t j = 0; j < M; ++j) {
+    const bool same = lab[j] == li;
+    const bool pos = same && j != self_j;
+    const T v = unit_sq_distance(s[j]);
+    d2[j] = v;
+    cnt_p += pos ? T(1) : T(0);
+    cnt_n += same ? T(0) : T(1);
+    n_nan += ((pos || !same) && v != v) ? T(1) : T(0);
+  }
+  counts[0] = cnt_p;
+  counts[1] = cnt_n;
+  counts[2] = n_nan;
+}
+
+template <typename T, typename L>
+SLF_CPU_MULTIVERSION void fastap_histograms(const T* d2, const L* lab, L li, int64_t M, const FastApBins<T>& bins,
+                                            const T* centers, T* ha, T* hb) {
+  for (int64_t k = 0; k < bins.edges; ++k) {
+    const T c = centers[k];
+    T a = T(0), b = T(0);
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t j = 0; j < M; ++j) {
+      const bool same = lab[j] == li;
+      const T pl = bins.pulse(d2[j], c);
+      a += same ? pl : T(0);
+      b += same ? T(0) : pl;
+    }
+    ha[k] = a;
+    hb[k] = b;
+  }
+}
+
+// g_j = sum_k (dl/da_k or dl/db_k) d pulse_k / d d2_j, times d d2 / ds.
+template <typename T, typename L>
+SLF_CPU_MULTIVERSION void fastap_spread(const T* d2, const L* lab, L li, int64_t M, const FastApBins<T>& bins,
+                                        const T* centers, const T* ca, const T* cb, T* g, T* s) {
+  std::fill(g, g + M, T(0));
+  for (int64_t k = 0; k < bins.edges; ++k) {
+    const T c = centers[k], a = ca[k], b = cb[k];
+#pragma omp simd
+    for (int64_t j = 0; j < M; ++j) g[j] += (lab[j] == li ? a : b) * bins.pulse_grad(d2[j], c);
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < M; ++j) s[j] = g[j] * (d2[j] > T(0) ? T(-2) : T(0));
+}
 
 // Cakir et al.'s FastAP with PML's histogram: squared distances d2 in [0, 4] binned by
 // triangular pulses at edges = num_bins + 1 centers; per anchor the positives' histogram a_k and
@@ -550,43 +607,28 @@ SLF_HD void margin_row(const Row<T, L> r, T margin, T beta, bool want_stats, boo
 // FastAP = (1 / |P|) sum_k a_k A_k / T_k over the bins where a_k A_k > 0 and T_k > 0 (only those
 // carry gradient, as in PML). The row loss is 1 - FastAP (counted) for anchors with positives.
 template <typename T, typename L>
-SLF_CPU_MULTIVERSION void fastap_row(const Row<T, L> r, Scratch<T>& sc, const FastApBins<T>& bins,
-                                     bool want_stats, bool want_grad, T w) {
+void fastap_row(const Row<T, L> r, Scratch<T>& sc, const FastApBins<T>& bins, bool want_stats, bool want_grad, T w) {
   SLF_ROW_LOCALS(r);
   const int64_t E = bins.edges;
   sc.ensure_bins(E);
   T* d2 = sc.a.data();
-  T* g = sc.b.data();
   T* ha = sc.bins.data();  // a_k, then dl/da_k
   T* hb = ha + E;          // b_k, then dl/db_k
-  int64_t cnt_p = 0, cnt_n = 0, n_nan = 0;
-#pragma omp simd reduction(+ : cnt_p, cnt_n, n_nan)
-  for (int64_t j = 0; j < M; ++j) {
-    const bool same = lab[j] == li;
-    const bool pos = same && j != self_j;
-    const T v = unit_sq_distance(s[j]);
-    d2[j] = v;
-    cnt_p += pos ? 1 : 0;
-    cnt_n += same ? 0 : 1;
-    n_nan += ((pos || !same) && v != v) ? 1 : 0;
-  }
-  for (int64_t k = 0; k < E; ++k) {
-    const T c = bins.center(k);
-    T a = T(0), b = T(0);
-#pragma omp simd reduction(+ : a, b)
-    for (int64_t j = 0; j < M; ++j) {
-      const bool same = lab[j] == li;
-      const T pl = bins.pulse(d2[j], c);
-      a += (same && j != self_j) ? pl : T(0);
-      b += same ? T(0) : pl;
-    }
-    ha[k] = a;
-    hb[k] = b;
-  }
+  T* cum_a = hb + E;
+  T* cum_t = cum_a + E;
+  // The centers outside the loops: FastApBins::center's branch split the bin loop in two and
+  // left one half scalar.
+  T* centers = cum_t + E;
+  for (int64_t k = 0; k < E; ++k) centers[k] = bins.center(k);
+  T counts[3];
+  fastap_sq_distances(s, lab, li, self_j, M, d2, counts);
+  const T cnt_p = counts[0], cnt_n = counts[1], n_nan = counts[2];
+  // The anchor's own column gets d2 = inf: no bin's pulse reaches it (nor its derivative), so
+  // the loops need not test for it.
+  if (self_j >= 0 && self_j < M) d2[self_j] = static_cast<T>(INFINITY);
+  fastap_histograms(d2, lab, li, M, bins, centers, ha, hb);
   // F and, by suffix sums over the safe bins, dF/da_k = [safe_k] A_k / T_k + sum_{l >= k, safe}
   // (a_l / T_l - a_l A_l / T_l^2) and dF/db_k = -sum_{l >= k, safe} a_l A_l / T_l^2.
-  T* cum_a = sc.bins.data() + 2 * E;
-  T* cum_t = cum_a + E;
   T A = T(0), Tt = T(0), F = T(0);
   for (int64_t k = 0; k < E; ++k) {
     A += ha[k];
@@ -595,24 +637,24 @@ SLF_CPU_MULTIVERSION void fastap_row(const Row<T, L> r, Scratch<T>& sc, const Fa
     cum_t[k] = Tt;
     if (ha[k] * A > T(0) && Tt > T(0)) F += ha[k] * A / Tt;
   }
-  const T np = static_cast<T>(cnt_p);
-  const bool has_pos = cnt_p > 0;
+  const T np = cnt_p;
+  const bool has_pos = cnt_p > T(0);
   const T nan = std::numeric_limits<T>::quiet_NaN();
   T loss = has_pos ? T(1) - F / np : T(0);
-  if (has_pos && n_nan > 0) loss = nan;
+  if (has_pos && n_nan > T(0)) loss = nan;
   if (want_stats) {
     T* st = r.stats;
     st[kPairSum0] = loss;
     st[kPairCount0] = has_pos ? T(1) : T(0);
     st[kPairNumPos] = np;
-    st[kPairNumNeg] = static_cast<T>(cnt_n);
+    st[kPairNumNeg] = cnt_n;
   }
   if (!want_grad) return;
   if (!has_pos || w == T(0)) {
     std::fill(s, s + M, T(0));
     return;
   }
-  if (n_nan > 0) {
+  if (n_nan > T(0)) {
     std::fill(s, s + M, nan);
     return;
   }
@@ -627,21 +669,7 @@ SLF_CPU_MULTIVERSION void fastap_row(const Row<T, L> r, Scratch<T>& sc, const Fa
     ha[k] = -w * ((safe ? Ak / Tk : T(0)) + R) / np;  // dl/da_k
     hb[k] = w * Q / np;                                // dl/db_k
   }
-  std::fill(g, g + M, T(0));
-  for (int64_t k = 0; k < E; ++k) {
-    const T c = bins.center(k), ca = ha[k], cb = hb[k];
-#pragma omp simd
-    for (int64_t j = 0; j < M; ++j) {
-      const bool same = lab[j] == li;
-      const T coef = same ? (j != self_j ? ca : T(0)) : cb;
-      g[j] += coef * bins.pulse_grad(d2[j], c);
-    }
-  }
-#pragma omp simd
-  for (int64_t j = 0; j < M; ++j) {
-    const T v = d2[j];
-    s[j] = g[j] * (v > T(0) ? T(-2) : T(0));
-  }
+  fastap_spread(d2, lab, li, M, bins, centers, ha, hb, sc.b.data(), s);
 }
 
 // ---------------------------------------------------------------- dispatch over rows
@@ -720,20 +748,6 @@ SLF_CPU_MULTIVERSION void other_rows(const StripArgs<T, L>& a, int64_t r_begin, 
         }
         break;
       }
-      case kMarginAll: {
-        const T beta = static_cast<const T*>(spec.row_params)[a.row0 + r];
-        const bool skip = a.backward && (w0 == T(0));
-        if (skip) {
-          std::fill(row.s, row.s + row.M, T(0));
-        } else {
-          margin_row(row, p0, beta, !a.backward, a.backward || a.want_grad, w0);
-        }
-        break;
-      }
-      case kFastAp:
-        fastap_row(row, sc, FastApBins<T>(static_cast<int64_t>(spec.p[0])), !a.backward, a.backward || a.want_grad,
-                   w0);
-        break;
       case kTripletHard:
         triplet_hard_row(row, sc.a.data(), p0, !a.backward, a.backward || a.want_grad,
                          a.backward && row.stats[kPairCount0] == T(0) ? T(0) : w0);
@@ -741,6 +755,33 @@ SLF_CPU_MULTIVERSION void other_rows(const StripArgs<T, L>& a, int64_t r_begin, 
       default:
         TORCH_CHECK(false, "structloss_fast: loss ", spec.loss, " has no CPU epilogue");
     }
+  }
+}
+
+// MarginLoss and FastAP rows in functions of their own: inlined into other_rows' large switch,
+// GCC left their loops scalar.
+template <typename T, typename L>
+SLF_CPU_MULTIVERSION void margin_rows(const StripArgs<T, L>& a, int64_t r_begin, int64_t r_end) {
+  const T margin = static_cast<T>(a.spec->p[0]);
+  const T* beta = static_cast<const T*>(a.spec->row_params);
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const Row<T, L> row = row_at(a, r);
+    const T w0 = a.backward ? a.weights[a.row0 + r] : T(1);
+    if (a.backward && w0 == T(0)) {
+      std::fill(row.s, row.s + row.M, T(0));
+    } else {
+      margin_row(row, margin, beta[a.row0 + r], !a.backward, a.backward || a.want_grad, w0);
+    }
+  }
+}
+
+template <typename T, typename L>
+void fastap_rows(const StripArgs<T, L>& a, int64_t r_begin, int64_t r_end) {
+  Scratch<T> sc(a.M);
+  const FastApBins<T> bins(static_cast<int64_t>(a.spec->p[0]));
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const T w0 = a.backward ? a.weights[a.row0 + r] : T(1);
+    fastap_row(row_at(a, r), sc, bins, !a.backward, a.backward || a.want_grad, w0);
   }
 }
 
@@ -770,6 +811,10 @@ void run_rows(const StripArgs<T, L>& a, int64_t rows) {
       const auto relu_of_sum = [](T lp, T ln, bool hp, bool hn) { return combine_relu(lp, ln, hp, hn); };
       return twoset(GenLiftedLogits<T>(p0, p1), relu_of_sum, false);
     }
+    case kMarginAll:
+      return at::parallel_for(0, rows, row_grain(a.M), [&](int64_t b, int64_t e) { margin_rows(a, b, e); });
+    case kFastAp:
+      return at::parallel_for(0, rows, row_grain(a.M), [&](int64_t b, int64_t e) { fastap_rows(a, b, e); });
     default:
       at::parallel_for(0, rows, row_grain(a.M), [&](int64_t b, int64_t e) { other_rows(a, b, e); });
   }

@@ -736,8 +736,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_softmax_loss_backward_cpu(
 
 // ---------------------------------------------------------------- pooled fused linear
 
-// Classes with K centers each (weight rows c K .. c K + K - 1): the chunk's similarities to the
-// centers (rows x C K, one GEMM) are pooled to one value per class (rows x C), the row kernel
+// Classes with K centers each (weight rows k C + c, group-major): the chunk's similarities to the
+// centers (rows x K C, one GEMM) are pooled to one value per class (rows x C), the row kernel
 // turns those into statistics and the gradient in place, the gradient is spread back over the
 // centers (the pool's derivative) and two GEMMs accumulate the input gradients. Memory: one
 // chunk of rows x C K and three of rows x C, never N x C K.
@@ -747,9 +747,10 @@ struct PoolSpec {
   double param;
 };
 
-// Pools rows [b, e) of S (t x C K) into P (t x C); A keeps what the pool's derivative needs:
-// the index of the maximum (max) or log sum_k exp(g s_ck) (soft average), and V a copy of the
-// pooled value (soft average).
+// Pools rows [b, e) of S (t x K C, center k of class c in column k C + c) into P (t x C); A
+// keeps what the pool's derivative needs: the index of the maximum (max) or
+// log sum_k exp(g s_kc) (soft average), and V a copy of the pooled value (soft average). The
+// group-major layout makes every pass a contiguous, vectorized sweep over the classes.
 template <typename T>
 SLF_CPU_MULTIVERSION void pool_rows(const T* S, T* P, T* A, T* V, int64_t C, const PoolSpec& ps, int64_t b,
                                     int64_t e) {
@@ -759,43 +760,51 @@ SLF_CPU_MULTIVERSION void pool_rows(const T* S, T* P, T* A, T* V, int64_t C, con
     const T* s = S + i * C * K;
     T* p = P + i * C;
     T* a = A + i * C;
+    std::copy(s, s + C, p);
     if (ps.kind == kPoolMax) {
-      for (int64_t c = 0; c < C; ++c) {
-        const T* sc = s + c * K;
-        T best = sc[0];
-        int64_t arg = 0;
-        for (int64_t k = 1; k < K; ++k) {
+      std::fill(a, a + C, T(0));
+      for (int64_t k = 1; k < K; ++k) {
+        const T* sk = s + k * C;
+        const T kk = static_cast<T>(k);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
           // A NaN similarity becomes the class's value (as torch.max), and stays.
-          if (sc[k] > best || (sc[k] != sc[k] && best == best)) {
-            best = sc[k];
-            arg = k;
-          }
+          const bool take = sk[c] > p[c] || (sk[c] != sk[c] && p[c] == p[c]);
+          p[c] = take ? sk[c] : p[c];
+          a[c] = take ? kk : a[c];
         }
-        p[c] = best;
-        a[c] = static_cast<T>(arg);
       }
-    } else {
-      T* v = V + i * C;
+      continue;
+    }
+    T* v = V + i * C;  // the maximum first (in a), then the sums (in p and v)
+    std::copy(s, s + C, a);
+    for (int64_t k = 1; k < K; ++k) {
+      const T* sk = s + k * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) a[c] = sk[c] > a[c] ? sk[c] : a[c];
+    }
+    std::fill(p, p + C, T(0));
+    std::fill(v, v + C, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T* sk = s + k * C;
+#pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const T* sc = s + c * K;
-        T m = sc[0];
-        for (int64_t k = 1; k < K; ++k) m = sc[k] > m ? sc[k] : m;
-        T z = T(0), num = T(0);
-        for (int64_t k = 0; k < K; ++k) {
-          const T w = exp_(g * (sc[k] - m));
-          z += w;
-          num += w * sc[k];
-        }
-        p[c] = num / z;
-        v[c] = p[c];
-        a[c] = g * m + log_(z);
+        const T w = exp_fast(g * (sk[c] - a[c]));
+        v[c] += w;           // z
+        p[c] += w * sk[c];   // numerator
       }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const T z = v[c];
+      a[c] = g * a[c] + log_(z);
+      p[c] = p[c] / z;
+      v[c] = p[c];
     }
   }
 }
 
-// Spreads the pooled gradient G (t x C) over the centers, in place in S (t x C K): max: to the
-// maximum; soft average: dp_c / ds_ck = q_k (1 + g (s_ck - p_c)), q = softmax_k(g s_c.).
+// Spreads the pooled gradient G (t x C) over the centers, in place in S (t x K C): max: to the
+// maximum; soft average: dp_c / ds_kc = q_k (1 + g (s_kc - p_c)), q = softmax_k(g s_.c).
 template <typename T>
 SLF_CPU_MULTIVERSION void unpool_rows(T* S, const T* G, const T* A, const T* V, int64_t C, const PoolSpec& ps,
                                       int64_t b, int64_t e) {
@@ -806,19 +815,21 @@ SLF_CPU_MULTIVERSION void unpool_rows(T* S, const T* G, const T* A, const T* V, 
     const T* gr = G + i * C;
     const T* a = A + i * C;
     if (ps.kind == kPoolMax) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t arg = static_cast<int64_t>(a[c]);
-        for (int64_t k = 0; k < K; ++k) s[c * K + k] = k == arg ? gr[c] : T(0);
+      for (int64_t k = 0; k < K; ++k) {
+        T* sk = s + k * C;
+        const T kk = static_cast<T>(k);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) sk[c] = a[c] == kk ? gr[c] : T(0);
       }
-    } else {
-      const T* v = V + i * C;
+      continue;
+    }
+    const T* v = V + i * C;
+    for (int64_t k = 0; k < K; ++k) {
+      T* sk = s + k * C;
+#pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        T* sc = s + c * K;
-        const T lse = a[c], pc = v[c], gc = gr[c];
-        for (int64_t k = 0; k < K; ++k) {
-          const T q = exp_(g * sc[k] - lse);
-          sc[k] = gc * q * (T(1) + g * (sc[k] - pc));
-        }
+        const T q = exp_fast(g * sk[c] - a[c]);
+        sk[c] = gr[c] * q * (T(1) + g * (sk[c] - v[c]));
       }
     }
   }

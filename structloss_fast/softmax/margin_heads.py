@@ -79,6 +79,9 @@ def _margin_loss(kind, embeddings, proxies, labels, t0, t1, *, weight, log_end, 
         mask = [False, False]
         if reduction != "none" and torch.is_grad_enabled():
             mask = [x.requires_grad, w.requires_grad]
+        # The op takes the centers group-major (center k of class c in row k C + c): its passes
+        # over a row's classes are then contiguous.
+        w = w.view(C, group, w.shape[1]).transpose(0, 1).reshape(group * C, w.shape[1])
         stats = _ops.run_pooled(chosen, x, w, labels64, weight, ignore_index, transform, params, _ops.POOLS[pool[0]],
                                 group, pool[2], mask)
         return _ops.reduce(stats, labels64, weight, ignore_index, C, reduction).to(embeddings.dtype)
