@@ -260,3 +260,102 @@ register(Case(
     ours=("structloss_fast", "structloss_fast:unfused"),
     skip=full_only("structloss_fast:unfused", default_sizes=COSFACE_SIZES),
 ))
+
+
+# ---------------------------------------------------------------- the proxy losses ported from PML
+
+PROXY_SIZES = [{"N": 1024, "D": 128, "C": 2000}]
+PROXY_FULL = [{"N": 8192, "D": 128, "C": 10000}]
+# SoftTriple has 10 centers per class: C = 1000 gives the same 10000 similarities per row.
+SOFT_TRIPLE_SIZES = [{"N": 1024, "D": 128, "C": 200}]
+SOFT_TRIPLE_FULL = [{"N": 8192, "D": 128, "C": 1000}]
+
+
+def _proxy_step(make):
+    """A Module's forward + backward on an embeddings batch, its proxies' gradients cleared."""
+    def setup(size, device):
+        x, y = embeddings_batch(size, device)
+        mod = make(size).to(device)
+        params = list(mod.parameters())
+
+        def run():
+            mod(x, y).backward()
+            x.grad = None
+            for p in params:
+                p.grad = None
+
+        return run
+
+    return setup
+
+
+def _ours(cls_name, **kw):
+    def make(size):
+        import structloss_fast as slf
+
+        cls = getattr(slf, cls_name)
+        if cls_name == "SubCenterArcFaceLoss":
+            return cls(num_classes=size["C"], embedding_size=size["D"], **kw)
+        return cls(size["C"], size["D"], **kw)
+
+    return _proxy_step(make)
+
+
+def _theirs(cls_name):
+    def make(size):
+        from pytorch_metric_learning import losses
+
+        cls = getattr(losses, cls_name)
+        if cls_name == "SubCenterArcFaceLoss":
+            return cls(num_classes=size["C"], embedding_size=size["D"])
+        return cls(size["C"], size["D"])
+
+    return _proxy_step(make)
+
+
+def proxy_gemm_floor(centers_per_class):
+    """The three (N x D) (D x C K) products of a forward + backward alone (torch.mm in chunks of
+    8M similarities): what no exact proxy loss can beat on this machine."""
+    def setup(size, device):
+        g = torch.Generator().manual_seed(0)
+        N, D = size["N"], size["D"]
+        CK = size["C"] * centers_per_class
+        x = torch.randn(N, D, generator=g).to(device)
+        W = torch.randn(CK, D, generator=g).to(device)
+        rows = max(1, min(N, (1 << 23) // CK))
+        out = torch.empty(rows, CK, device=device)
+        gx, gw = torch.empty_like(x), torch.empty_like(W)
+
+        def run():
+            for r in range(0, N, rows):
+                n = min(rows, N - r)
+                torch.mm(x[r:r + n], W.t(), out=out[:n])
+                torch.mm(out[:n], W, out=gx[r:r + n])
+                gw.addmm_(out[:n].t(), x[r:r + n])
+
+        return run
+
+    return setup
+
+
+for _name, _cls, _k, _sizes, _full in [
+    ("normalized_softmax", "NormalizedSoftmaxLoss", 1, PROXY_SIZES, PROXY_FULL),
+    ("proxy_nca", "ProxyNCALoss", 1, PROXY_SIZES, PROXY_FULL),
+    ("proxy_anchor", "ProxyAnchorLoss", 1, PROXY_SIZES, PROXY_FULL),
+    ("subcenter_arcface", "SubCenterArcFaceLoss", 3, PROXY_SIZES, PROXY_FULL),
+    ("soft_triple", "SoftTripleLoss", 10, SOFT_TRIPLE_SIZES, SOFT_TRIPLE_FULL),
+]:
+    register(Case(
+        family="softmax",
+        name=_name,
+        description=f"{_cls} (PML's defaults, {_k} center(s) per class), fp32 embeddings (N, D), C classes, vs PML",
+        providers={
+            "structloss_fast": _ours(_cls),
+            "pml": _theirs(_cls),
+            "gemm_floor": proxy_gemm_floor(_k),
+        },
+        sizes=_sizes,
+        full_sizes=_full,
+        reference_points=("gemm_floor",),
+        skip=full_only("gemm_floor", default_sizes=_sizes),
+    ))
