@@ -663,6 +663,26 @@ void check_linear_inputs(const Tensor& input, const Tensor& weight, const std::o
               "structloss_fast: target must be (N,) int64");
 }
 
+// The per-row scale of the chunked ops' gradients: the forward's are of the unit-weight sum, the
+// backward's of sum_i row_weights[i] l_i.
+Tensor chunked_row_scale(const std::optional<Tensor>& row_weights, bool backward_mode, int64_t N, const Tensor& x) {
+  if (!backward_mode) return at::ones({N}, x.options());
+  TORCH_CHECK(row_weights->dim() == 1 && row_weights->size(0) == N, "structloss_fast: row_weights must be (N,)");
+  return row_weights->to(x.scalar_type()).contiguous();
+}
+
+// fn(T(0), transform id as an integral_constant, Transform<T>, ElParams<T>) for the row kernel of
+// the chunked ops in accumulation dtype acc.
+template <typename Fn>
+void with_row_kernel(at::ScalarType acc, int64_t transform, at::ArrayRef<double> params, Fn&& fn) {
+  AT_DISPATCH_FLOATING_TYPES(acc, "structloss_fast_chunked_softmax_loss", [&] {
+    using T = scalar_t;
+    const Transform<T> tr(transform, static_cast<T>(params[kPT0]), static_cast<T>(params[kPT1]));
+    const ElParams<T> el(params[kPLogEnd], params[kPRho], params[kPSmooth], params[kPEps]);
+    with_transform(transform, [&](auto k) { fn(T(0), k, tr, el); });
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_run(
     const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& target,
     const std::optional<Tensor>& class_weight, const std::optional<Tensor>& row_weights,
@@ -691,26 +711,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_run(
   Tensor gb = at::zeros({grad_mask[2] ? C : 0}, x.options());
   const Chunking ch = choose_chunking(N, C, row_chunk, class_tile);
   LinearSpec spec{ignore_index, transform, grad_mask};
-  // The forward's gradients are of the unit-weight sum; the backward's of sum_i row_weights[i] l_i.
-  Tensor row_scale;
-  if (backward_mode) {
-    TORCH_CHECK(row_weights->dim() == 1 && row_weights->size(0) == N, "structloss_fast: row_weights must be (N,)");
-    row_scale = row_weights->to(acc).contiguous();
-  } else {
-    row_scale = at::ones({N}, x.options());
+  const Tensor row_scale = chunked_row_scale(row_weights, backward_mode, N, x);
+  if (N > 0) {
+    with_row_kernel(acc, transform, params, [&](auto t0, auto k, const auto& tr, const auto& el) {
+      using T = decltype(t0);
+      linear_driver<T, decltype(k)::value>(x, W, b, tgt, cw.data_ptr<T>(), stats, row_scale, spec, tr, el, ch,
+                                           backward_mode, want_grad, gx, gW, gb);
+    });
   }
-  AT_DISPATCH_FLOATING_TYPES(acc, "structloss_fast_linear_softmax_loss", [&] {
-    using T = scalar_t;
-    const Transform<T> tr(transform, static_cast<T>(params[kPT0]), static_cast<T>(params[kPT1]));
-    const ElParams<T> el(params[kPLogEnd], params[kPRho], params[kPSmooth], params[kPEps]);
-    if (N > 0) {
-      with_transform(transform, [&](auto k) {
-        constexpr int64_t K = decltype(k)::value;
-        linear_driver<T, K>(x, W, b, tgt, cw.data_ptr<T>(), stats, row_scale, spec, tr, el, ch, backward_mode, want_grad,
-                            gx, gW, gb);
-      });
-    }
-  });
   return {stats, gx.to(dt), gW.to(dt), gb.to(dt)};
 }
 
@@ -903,26 +911,15 @@ std::tuple<Tensor, Tensor, Tensor> pooled_run(const Tensor& input, const Tensor&
   Tensor stats = backward_mode ? row_stats_in->to(acc).contiguous() : at::empty({N, kNumSoftmaxStats}, x.options());
   Tensor gx = at::zeros({grad_mask[0] ? N : 0, H}, x.options());
   Tensor gW = at::zeros({grad_mask[1] ? weight.size(0) : 0, H}, x.options());
-  Tensor row_scale;
-  if (backward_mode) {
-    TORCH_CHECK(row_weights->dim() == 1 && row_weights->size(0) == N, "structloss_fast: row_weights must be (N,)");
-    row_scale = row_weights->to(acc).contiguous();
-  } else {
-    row_scale = at::ones({N}, x.options());
-  }
+  const Tensor row_scale = chunked_row_scale(row_weights, backward_mode, N, x);
   const PoolSpec ps{pool, group, pool_param};
-  AT_DISPATCH_FLOATING_TYPES(acc, "structloss_fast_pooled_linear_softmax_loss", [&] {
-    using T = scalar_t;
-    const Transform<T> tr(transform, static_cast<T>(params[kPT0]), static_cast<T>(params[kPT1]));
-    const ElParams<T> el(params[kPLogEnd], params[kPRho], params[kPSmooth], params[kPEps]);
-    if (N > 0) {
-      with_transform(transform, [&](auto k) {
-        constexpr int64_t K = decltype(k)::value;
-        pooled_driver<T, K>(x, W, tgt, cw.data_ptr<T>(), stats, row_scale, ignore_index, ps, tr, el, backward_mode,
-                            grad_mask, gx, gW);
-      });
-    }
-  });
+  if (N > 0) {
+    with_row_kernel(acc, transform, params, [&](auto t0, auto k, const auto& tr, const auto& el) {
+      using T = decltype(t0);
+      pooled_driver<T, decltype(k)::value>(x, W, tgt, cw.data_ptr<T>(), stats, row_scale, ignore_index, ps, tr, el,
+                                           backward_mode, grad_mask, gx, gW);
+    });
+  }
   return {stats, gx.to(dt), gW.to(dt)};
 }
 

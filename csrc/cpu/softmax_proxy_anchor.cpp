@@ -23,10 +23,21 @@ using at::Tensor;
 // 16 MiB of float per chunk of cosines.
 constexpr int64_t kPaChunkElems = int64_t(1) << 22;
 
-int64_t chunk_rows(int64_t N, int64_t C) {
-  int64_t t = std::max<int64_t>(1, kPaChunkElems / std::max<int64_t>(C, 1));
-  if (t >= 16) t -= t % 16;
-  return std::min(t, std::max<int64_t>(N, 1));
+// fn(S, r0, t) for each chunk of t rows from r0, S = x[r0 : r0 + t] P^T (one GEMM, one buffer).
+template <typename Fn>
+void for_each_chunk(const Tensor& x, const Tensor& P, Fn&& fn) {
+  const int64_t N = x.size(0), C = P.size(0);
+  int64_t rows = std::max<int64_t>(1, kPaChunkElems / std::max<int64_t>(C, 1));
+  if (rows >= 16) rows -= rows % 16;
+  rows = std::min(rows, std::max<int64_t>(N, 1));
+  Tensor buf = at::empty({rows, C}, x.options());
+  const Tensor Pt = P.t();
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t t = std::min(rows, N - r0);
+    Tensor S = buf.narrow(0, 0, t);
+    at::mm_out(S, x.narrow(0, r0, t), Pt);
+    fn(S, r0, t);
+  }
 }
 
 void check_inputs(const Tensor& x, const Tensor& P, const Tensor& labels, at::ArrayRef<double> params) {
@@ -93,13 +104,7 @@ Tensor proxy_anchor_loss_cpu(const Tensor& x_in, const Tensor& P_in, const Tenso
     std::vector<T> nmx(C, neg_inf<T>()), nsm(C, T(0)), pmx(C, neg_inf<T>()), psm(C, T(0)), cm(C);
     std::vector<int64_t> npos(C, 0);
     const int64_t* y = lab.data_ptr<int64_t>();
-    const int64_t T_rows = chunk_rows(N, C);
-    Tensor buf = at::empty({T_rows, C}, x.options());
-    const Tensor Pt = P.t();
-    for (int64_t r0 = 0; r0 < N; r0 += T_rows) {
-      const int64_t t = std::min(T_rows, N - r0);
-      Tensor S = buf.narrow(0, 0, t);
-      at::mm_out(S, x.narrow(0, r0, t), Pt);
+    for_each_chunk(x, P, [&](Tensor& S, int64_t r0, int64_t t) {
       const T* Sp = S.data_ptr<T>();
       at::parallel_for(0, C, 512, [&](int64_t c0, int64_t c1) {
         neg_columns(Sp, t, C, y + r0, alpha, margin, nmx.data(), nsm.data(), cm.data() + c0, c0, c1);
@@ -116,7 +121,7 @@ Tensor proxy_anchor_loss_cpu(const Tensor& x_in, const Tensor& P_in, const Tenso
           psm[c] += exp_(a - pmx[c]);  // NaN a lands here and makes the sum NaN
         }
       }
-    }
+    });
     T* st = stats.data_ptr<T>();
     for (int64_t c = 0; c < C; ++c) {
       const int64_t nneg = N - npos[c];
@@ -167,22 +172,15 @@ std::tuple<Tensor, Tensor> proxy_anchor_loss_backward_cpu(const Tensor& x_in, co
     using T = scalar_t;
     const T alpha = static_cast<T>(params[0]), margin = static_cast<T>(params[1]);
     const int64_t* y = lab.data_ptr<int64_t>();
-    const int64_t T_rows = chunk_rows(N, C);
-    Tensor buf = at::empty({T_rows, C}, x.options());
-    const Tensor Pt = P.t();
-    for (int64_t r0 = 0; r0 < N; r0 += T_rows) {
-      const int64_t t = std::min(T_rows, N - r0);
-      Tensor S = buf.narrow(0, 0, t);
-      const Tensor xr = x.narrow(0, r0, t);
-      at::mm_out(S, xr, Pt);
+    for_each_chunk(x, P, [&](Tensor& S, int64_t r0, int64_t t) {
       T* Sp = S.data_ptr<T>();
       at::parallel_for(0, t, std::max<int64_t>(1, 65536 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
         grad_rows(Sp, C, y + r0, alpha, margin, neg_term.data_ptr<T>(), neg_w.data_ptr<T>(), pos_term.data_ptr<T>(),
                   pos_w.data_ptr<T>(), b, e);
       });
       if (grad_mask[0]) gx.narrow(0, r0, t).addmm_(S, P);
-      if (grad_mask[1]) gP.addmm_(S.t(), xr);
-    }
+      if (grad_mask[1]) gP.addmm_(S.t(), x.narrow(0, r0, t));
+    });
   });
   return {gx, gP};
 }

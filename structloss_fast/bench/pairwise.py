@@ -124,7 +124,8 @@ register(Case(
 ))
 
 
-def pml_skip(limits):
+def pml_skip(limits, limits_reason="PML materializes a (positive pairs) x (negative pairs) tensor: out of memory "
+                                   "at this B"):
     """Skip PML where its documented memory blow-up makes the run impossible on 24 GB."""
     def skip(provider, size, device):
         if provider.startswith("structloss_fast:") and device != "cuda":
@@ -132,7 +133,6 @@ def pml_skip(limits):
         if provider == "pml" and device == "cpu" and size["B"] > limits:
             return limits_reason
         return None
-    limits_reason = "PML materializes a (positive pairs) x (negative pairs) tensor: out of memory at this B"
     return skip
 
 
@@ -201,17 +201,6 @@ register(Case(
 
 # ---------------------------------------------------------------- the losses ported from PML
 
-def pml_batch_limit(limit, why):
-    """Skip PML above B = limit (its dense intermediate makes the run impossible on 24 GB)."""
-    def skip(provider, size, device):
-        if provider.startswith("structloss_fast:") and device != "cuda":
-            return "GPU-only provider"
-        if provider == "pml" and device == "cpu" and size["B"] > limit:
-            return why
-        return None
-    return skip
-
-
 # (case, PML class, our function, default B, PML's largest B here, what PML builds densely)
 for _name, _pml_name, _fn, _default_b, _limit, _why in [
     ("generalized_lifted_structure_loss", "GeneralizedLiftedStructureLoss", "generalized_lifted_structure_loss", 2048,
@@ -236,5 +225,5 @@ for _name, _pml_name, _fn, _default_b, _limit, _why in [
         sizes=[{"B": _default_b, "D": 128}],
         full_sizes=[{"B": b, "D": 128} for b in sorted({_limit, 8192})],
         ours=("structloss_fast", "structloss_fast:cuda-strip"),
-        skip=pml_batch_limit(_limit, _why),
+        skip=pml_skip(_limit, _why),
     ))

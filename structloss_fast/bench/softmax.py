@@ -127,10 +127,14 @@ def gemm_floor(size, device):
     """The three (N x H) (H x C) products of a fused linear forward+backward, alone (torch.mm on
     8192-row chunks): the time no fused linear loss can beat on this machine."""
     x, W, b, y = linear_batch(size, device)
-    x, W = x.detach(), W.detach()
+    return three_gemms(x.detach(), W.detach())
+
+
+def three_gemms(x, W):
+    """A run of x W^T, then G W and G^T x with G that product, in chunks of 8M products."""
     N, C = x.shape[0], W.shape[0]
     rows = max(1, min(N, (1 << 23) // C))
-    out = torch.empty(rows, C, device=device, dtype=x.dtype)
+    out = torch.empty(rows, C, device=x.device, dtype=x.dtype)
     gx = torch.empty_like(x)
     gw = torch.empty_like(W)
 
@@ -318,22 +322,8 @@ def proxy_gemm_floor(centers_per_class):
     8M similarities): what no exact proxy loss can beat on this machine."""
     def setup(size, device):
         g = torch.Generator().manual_seed(0)
-        N, D = size["N"], size["D"]
-        CK = size["C"] * centers_per_class
-        x = torch.randn(N, D, generator=g).to(device)
-        W = torch.randn(CK, D, generator=g).to(device)
-        rows = max(1, min(N, (1 << 23) // CK))
-        out = torch.empty(rows, CK, device=device)
-        gx, gw = torch.empty_like(x), torch.empty_like(W)
-
-        def run():
-            for r in range(0, N, rows):
-                n = min(rows, N - r)
-                torch.mm(x[r:r + n], W.t(), out=out[:n])
-                torch.mm(out[:n], W, out=gx[r:r + n])
-                gw.addmm_(out[:n].t(), x[r:r + n])
-
-        return run
+        x = torch.randn(size["N"], size["D"], generator=g).to(device)
+        return three_gemms(x, torch.randn(size["C"] * centers_per_class, size["D"], generator=g).to(device))
 
     return setup
 
