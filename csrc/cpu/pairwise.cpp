@@ -623,9 +623,10 @@ void fastap_row(const Row<T, L> r, Scratch<T>& sc, const FastApBins<T>& bins, bo
   T counts[3];
   fastap_sq_distances(s, lab, li, self_j, M, d2, counts);
   const T cnt_p = counts[0], cnt_n = counts[1], n_nan = counts[2];
-  // The anchor's own column gets d2 = inf: no bin's pulse reaches it (nor its derivative), so
-  // the loops need not test for it.
-  if (self_j >= 0 && self_j < M) d2[self_j] = static_cast<T>(INFINITY);
+  // The anchor's own column, when its label is the anchor's (not a positive, not a negative),
+  // gets d2 = inf: no bin's pulse reaches it (nor its derivative), so the loops need not test
+  // for it. (With another label it is a negative, as in every loss.)
+  if (self_j >= 0 && self_j < M && lab[self_j] == li) d2[self_j] = static_cast<T>(INFINITY);
   fastap_histograms(d2, lab, li, M, bins, centers, ha, hb);
   // F and, by suffix sums over the safe bins, dF/da_k = [safe_k] A_k / T_k + sum_{l >= k, safe}
   // (a_l / T_l - a_l A_l / T_l^2) and dF/db_k = -sum_{l >= k, safe} a_l A_l / T_l^2.

@@ -328,3 +328,19 @@ def test_fastap_anchor_without_positives_is_not_counted():
     assert rows[5] == 0 and rows[6] == 0
     assert_tight(slf.fastap_loss(x, y), rows[:5].mean())
     assert max_abs(slf.fastap_loss(x, y, backend="reference"), slf.fastap_loss(x, y)) < 1e-14
+
+
+@pytest.mark.parametrize("backend", ["cpu", "aten"])
+def test_fastap_self_slot_with_another_label_is_a_negative(backend):
+    """With ref_self_index, an anchor's own slot is left out of its positives only: a slot whose
+    stored label differs is one of its negatives (hypothesis found the kernel dropping it)."""
+    x = torch.tensor([[1.0], [1.0], [-1.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 0])
+    rx, ry = torch.tensor([[1.0], [-1.0]], dtype=torch.float64), torch.tensor([0, 1])
+    kw = dict(ref_embeddings=rx, ref_labels=ry, ref_self_index=0, reduction="none")
+    if backend == "aten":
+        with aten_epilogue():
+            out = slf.fastap_loss(x, y, backend="cpu", **kw)
+    else:
+        out = slf.fastap_loss(x, y, backend="cpu", **kw)
+    assert_tight(out, slf.fastap_loss(x, y, backend="reference", **kw))
