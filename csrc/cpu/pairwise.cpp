@@ -539,10 +539,10 @@ SLF_HD void margin_row(const Row<T, L> r, T margin, T beta, bool want_stats, boo
     const T d = unit_distance(s[j]);
     const bool same = lab[j] == li;
     const bool pos = same && j != self_j;
-    const T dd = unit_distance_grad(d);
-    const bool ap = pos && (d - beta) + margin > T(0), an = !same && (beta - d) + margin > T(0);
-    const T nan = d != d ? d : T(0);  // a NaN distance gives a NaN gradient
-    s[j] = ap ? wp * dd : (an ? wn * dd : ((pos || !same) ? nan : T(0)));
+    const T dd = unit_distance_grad(d);  // NaN for a NaN distance, and relu_grad keeps it
+    const T g_pos = wp * relu_grad((d - beta) + margin) * dd;
+    const T g_neg = wn * relu_grad((beta - d) + margin) * dd;
+    s[j] = same ? (pos ? g_pos : T(0)) : g_neg;
   }
 }
 
