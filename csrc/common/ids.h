@@ -31,7 +31,11 @@ enum PairLossKind : int64_t {
   kContrastive = 5,      // pos_margin, neg_margin
   kTripletAll = 6,       // margin
   kTripletHard = 7,      // margin
-  kNumPairLosses = 8,
+  kGenLifted = 8,        // pos_margin, neg_margin (generalized lifted structure)
+  kTupletMargin = 9,     // margin (radians), scale
+  kMarginAll = 10,       // margin; beta per anchor (pairwise_loss_rowparam only)
+  kFastAp = 11,          // num_bins
+  kNumPairLosses = 12,
 };
 
 // Facts about each pairwise loss, indexed by PairLossKind: how many terms it is the sum of
@@ -54,6 +58,10 @@ SLF_IDS_HD constexpr PairLossInfo pair_loss_info(int64_t kind) {
     case kContrastive:     return {2, 2, false, false};
     case kTripletAll:      return {1, 1, false, false};
     case kTripletHard:     return {1, 1, false, true};
+    case kGenLifted:       return {1, 2, false, false};
+    case kTupletMargin:    return {1, 2, true, false};
+    case kMarginAll:       return {1, 1, false, false};
+    case kFastAp:          return {1, 1, false, false};
     default:               return {0, 0, false, false};
   }
 }
@@ -164,6 +172,23 @@ enum SoftmaxParam : int64_t {
   kPT0 = 4,
   kPT1 = 5,
   kNumSoftmaxParams = 6,
+};
+
+// The `pool` argument of pooled_linear_softmax_loss: how the K similarities of a class's K
+// centers (weight rows c K .. c K + K - 1) become the class's value before the logit transform.
+enum SoftmaxPool : int64_t {
+  kPoolMax = 0,      // max_k s_ck (SubCenterArcFace); the gradient goes to the first maximum
+  kPoolSoftAvg = 1,  // sum_k softmax_k(g s_ck) s_ck, g = pool_param (SoftTriple's 1 / gamma)
+  kNumSoftmaxPools = 2,
+};
+
+// Columns of proxy_anchor_loss's per-class statistics (C x kNumProxyAnchorStats).
+enum ProxyAnchorStat : int64_t {
+  kPaPosTerm = 0,  // log(1 + sum_{i: y_i = c} exp(-alpha (s_ic - margin))), 0 without such rows
+  kPaNegTerm = 1,  // log(1 + sum_{i: y_i != c} exp(alpha (s_ic + margin))), 0 without such rows
+  kPaNumPos = 2,   // rows of class c
+  kPaNumNeg = 3,   // rows of another class
+  kNumProxyAnchorStats = 4,
 };
 
 // ---- taskmet family (conjugate gradients) ----

@@ -66,6 +66,11 @@ std::pair<Tensor, Tensor> twoset_logits(const Tensor& S, const Tensor& same, con
   if (spec.loss == kUnified) {
     return {at::where(same, -p1 * S, p1 * (S + p0)), at::where(same, at::full_like(S, -p1), at::full_like(S, p1))};
   }
+  if (spec.loss == kGenLifted) {
+    const Tensor d = unit_distance(S);
+    const Tensor dd = unit_distance_grad(d);
+    return {at::where(same, d - p0, p1 - d), at::where(same, dd, -dd)};
+  }
   // multi-similarity
   return {at::where(same, p0 * (p2 - S), p1 * (S - p2)), at::where(same, at::full_like(S, -p0), at::full_like(S, p1))};
 }
@@ -84,6 +89,14 @@ TwoSet twoset(const Tensor& S, const Masks& m, const PairwiseSpec& spec) {
     r.loss = at::logaddexp(r.lse_p, zero) / spec.p[0] + at::logaddexp(r.lse_n, zero) / spec.p[1];
     r.dlse_p = r.lse_p.sigmoid() / spec.p[0];
     r.dlse_n = r.lse_n.sigmoid() / spec.p[1];
+    r.counted = at::ones_like(r.loss);
+  } else if (spec.loss == kGenLifted) {
+    const Tensor hp = m.npos.gt(0), hn = m.nneg.gt(0);
+    const Tensor zero = at::zeros_like(r.lse_p);
+    const Tensor z = at::where(hp, r.lse_p, zero) + at::where(hn, r.lse_n, zero);
+    r.loss = z.relu();
+    r.dlse_p = at::where(hp, relu_grad(z), zero);
+    r.dlse_n = at::where(hn, relu_grad(z), zero);
     r.counted = at::ones_like(r.loss);
   } else {
     const Tensor both = m.npos.gt(0).logical_and(m.nneg.gt(0));
@@ -158,6 +171,115 @@ Tensor hardest_grad(const Hardest& h, const Tensor& w, const PairwiseSpec& spec)
   return G;
 }
 
+// The NT-Xent and tuplet-margin logits of every pair, as the positive and the negative
+// transform, and the derivatives of the positive one (the negative one's is a constant).
+struct PerPos {
+  Tensor a_pos, da_pos, a_neg;
+  double da_neg;
+};
+
+PerPos perpos_logits(const Tensor& S, const PairwiseSpec& spec) {
+  if (spec.loss == kNTXent) {
+    const Tensor a = S / spec.p[0];
+    return {a, at::full_like(S, 1.0 / spec.p[0]), a, 1.0 / spec.p[0]};
+  }
+  const double m = spec.p[0], sc = spec.p[1];  // tuplet margin: cos(theta - m), theta = acos(clamp(s))
+  const Tensor c = S.clamp(-1, 1);
+  const Tensor sq = (1 - c) * (1 + c);
+  const Tensor sin_t = sq.clamp_min(0).sqrt();
+  const Tensor a_pos = sc * (c * std::cos(m) + sin_t * std::sin(m));
+  Tensor da = at::where(sq.gt(0), std::cos(m) - S * std::sin(m) / sin_t, at::full_like(S, std::cos(m)));
+  da = at::where(S.gt(1).logical_or(S.lt(-1)), at::zeros_like(S), sc * da);
+  return {a_pos, da, sc * S, sc};
+}
+
+Tensor perpos_grad(const PerPos& lg, const Masks& m, const Tensor& lse_n, const Tensor& c, const Tensor& w) {
+  const Tensor z = lse_n.unsqueeze(1) - lg.a_pos;
+  const Tensor e_neg = (lg.a_neg - lse_n.unsqueeze(1)).exp();
+  return w.unsqueeze(1) * at::where(m.pos, -lg.da_pos * z.sigmoid(),
+                                    at::where(m.neg, lg.da_neg * c.unsqueeze(1) * e_neg, at::zeros_like(z)));
+}
+
+struct Margin {
+  Tensor d, lp, ln, np, nn, any;
+};
+
+// MarginLoss over all triplets: each positive pair's term recurs |N| times, each negative's |P|.
+Margin margin_terms(const Tensor& S, const Masks& m, const Tensor& beta, double margin) {
+  Margin r;
+  r.d = unit_distance(S);
+  const Tensor b = beta.unsqueeze(1);
+  r.lp = ((r.d - b) + margin);
+  r.ln = ((b - r.d) + margin);
+  r.np = m.npos.unsqueeze(1);
+  r.nn = m.nneg.unsqueeze(1);
+  r.any = m.npos.gt(0).logical_and(m.nneg.gt(0));
+  return r;
+}
+
+Tensor margin_grad(const Margin& r, const Masks& m, const Tensor& w) {
+  const Tensor dd = unit_distance_grad(r.d);
+  const Tensor wa = at::where(r.any, w, at::zeros_like(w)).unsqueeze(1);
+  return at::where(m.pos, wa * r.nn * relu_grad(r.lp) * dd,
+                   at::where(m.neg, -wa * r.np * relu_grad(r.ln) * dd, at::zeros_like(r.d)));
+}
+
+Tensor row_params_of(const Tensor& S, int64_t row0, const PairwiseSpec& spec) {
+  TORCH_CHECK(spec.row_params != nullptr, "structloss_fast: pairwise loss ", spec.loss,
+              " takes a parameter per anchor (op pairwise_loss_rowparam)");
+  const Tensor all = at::from_blob(const_cast<void*>(spec.row_params), {row0 + S.size(0)}, S.options());
+  return all.narrow(0, row0, S.size(0));
+}
+
+struct FastAp {
+  Tensor d2, centers, pulse, a, b, loss, has_nan, safe, cum_a, cum_t;
+};
+
+// FastAP's soft histograms: pulses (t, M, E) of the squared distances in E = num_bins + 1 bins.
+FastAp fastap_hist(const Tensor& S, const Masks& m, int64_t num_bins) {
+  FastAp r;
+  const int64_t E = num_bins + 1;
+  const double delta = 4.0 / static_cast<double>(num_bins);
+  r.d2 = (2 - 2 * S).clamp_min(0);
+  r.d2 = at::where(S.isnan(), S, r.d2);
+  r.centers = at::linspace(0.0, 4.0, E, S.options());
+  r.pulse = (1 - (r.d2.unsqueeze(2) - r.centers).abs() / delta).relu();
+  const Tensor pf = m.pos.to(S.scalar_type()).unsqueeze(2), nf = m.neg.to(S.scalar_type()).unsqueeze(2);
+  r.a = (r.pulse * pf).sum(1);
+  r.b = (r.pulse * nf).sum(1);
+  r.cum_a = r.a.cumsum(1);
+  r.cum_t = (r.a + r.b).cumsum(1);
+  r.safe = (r.a * r.cum_a).gt(0).logical_and(r.cum_t.gt(0));
+  const Tensor F = at::where(r.safe, r.a * r.cum_a / r.cum_t, at::zeros_like(r.a)).sum(1);
+  const Tensor has_pos = m.npos.gt(0);
+  r.has_nan = r.d2.isnan().logical_and(m.pos.logical_or(m.neg)).any(1);
+  r.loss = at::where(has_pos, 1 - F / m.npos.clamp_min(1), at::zeros_like(F));
+  r.loss = at::where(has_pos.logical_and(r.has_nan), at::full_like(F, std::numeric_limits<double>::quiet_NaN()),
+                     r.loss);
+  return r;
+}
+
+Tensor fastap_grad(const FastAp& r, const Masks& m, const Tensor& w, int64_t num_bins) {
+  const double delta = 4.0 / static_cast<double>(num_bins);
+  const Tensor zero = at::zeros_like(r.a);
+  const Tensor t2 = r.cum_t * r.cum_t;
+  const Tensor ra = at::where(r.safe, r.a / r.cum_t - r.a * r.cum_a / t2, zero);
+  const Tensor qa = at::where(r.safe, r.a * r.cum_a / t2, zero);
+  // suffix sums over the bins
+  const Tensor R = ra.flip(1).cumsum(1).flip(1), Q = qa.flip(1).cumsum(1).flip(1);
+  const Tensor scale = (w / m.npos.clamp_min(1)).unsqueeze(1);
+  const Tensor dla = -scale * (at::where(r.safe, r.cum_a / r.cum_t, zero) + R);
+  const Tensor dlb = scale * Q;
+  const Tensor u = r.d2.unsqueeze(2) - r.centers;
+  const Tensor dpulse = at::where((1 - u.abs() / delta).gt(0), -u.sign() / delta, at::zeros_like(u));
+  const Tensor gp = (dpulse * dla.unsqueeze(1)).sum(2), gn = (dpulse * dlb.unsqueeze(1)).sum(2);
+  Tensor G = at::where(m.pos, gp, at::where(m.neg, gn, at::zeros_like(r.d2))) *
+             at::where(r.d2.gt(0), at::full_like(r.d2, -2.0), at::zeros_like(r.d2));
+  G = at::where(m.npos.gt(0).logical_and(w.ne(0)).unsqueeze(1), G, at::zeros_like(G));
+  return at::where(r.has_nan.logical_and(m.npos.gt(0)).logical_and(w.ne(0)).unsqueeze(1),
+                   at::full_like(G, std::numeric_limits<double>::quiet_NaN()), G);
+}
+
 void write_stats(Tensor& st, const Tensor& aux0, const Tensor& aux1, const Tensor& sum0, const Tensor& cnt0,
                  const Masks& m) {
   if (aux0.defined()) st.select(1, kPairAux0).copy_(aux0);
@@ -175,7 +297,7 @@ void aten_forward(Tensor& S, int64_t row0, const PairwiseRows& rows, const Pairw
   const double t = spec.p[0];
   Tensor G;
   switch (spec.loss) {
-    case kCircle: case kUnified: case kMultiSimilarity: {
+    case kCircle: case kUnified: case kMultiSimilarity: case kGenLifted: {
       const TwoSet r = twoset(S, m, spec);
       write_stats(st, r.lse_p, r.lse_n, r.loss, r.counted, m);
       if (want_grad) G = twoset_grad(r, m, r.counted);
@@ -194,16 +316,14 @@ void aten_forward(Tensor& S, int64_t row0, const PairwiseRows& rows, const Pairw
       }
       break;
     }
-    case kNTXent: {
-      const Tensor a = S / t;
-      const Tensor lse_n = masked_lse(a, m.neg);
-      const Tensor z = lse_n.unsqueeze(1) - a;
+    case kNTXent: case kTupletMargin: {
+      const PerPos lg = perpos_logits(S, spec);
+      const Tensor lse_n = masked_lse(lg.a_neg, m.neg);
+      const Tensor z = lse_n.unsqueeze(1) - lg.a_pos;
       const Tensor loss = at::where(m.pos, at::logaddexp(z, at::zeros_like(z)), at::zeros_like(z)).sum(1);
       const Tensor c = at::where(m.pos, z.sigmoid(), at::zeros_like(z)).sum(1);
       write_stats(st, lse_n, c, loss, m.npos, m);
-      if (want_grad) {
-        G = at::where(m.pos, -z.sigmoid(), at::where(m.neg, c.unsqueeze(1) * (-z).exp(), at::zeros_like(z))) / t;
-      }
+      if (want_grad) G = perpos_grad(lg, m, lse_n, c, at::ones_like(lse_n));
       break;
     }
     case kContrastive: {
@@ -218,6 +338,26 @@ void aten_forward(Tensor& S, int64_t row0, const PairwiseRows& rows, const Pairw
         G = at::where(m.pos, relu_grad(d - spec.p[0]) * dd,
                       at::where(m.neg, -relu_grad(spec.p[1] - d) * dd, at::zeros_like(d)));
       }
+      break;
+    }
+    case kMarginAll: {
+      const Margin r = margin_terms(S, m, row_params_of(S, row0, spec), spec.p[0]);
+      const Tensor zero = at::zeros_like(r.d);
+      const Tensor sum_p = at::where(m.pos, r.lp.relu(), zero).sum(1), sum_n = at::where(m.neg, r.ln.relu(), zero).sum(1);
+      const Tensor nz_p = (counts_nonzero(r.lp.relu()) * m.pos).sum(1), nz_n = (counts_nonzero(r.ln.relu()) * m.neg).sum(1);
+      const Tensor act_p = at::where(m.pos, relu_grad(r.lp), zero).sum(1);
+      const Tensor act_n = at::where(m.neg, relu_grad(r.ln), zero).sum(1);
+      const Tensor z1 = at::zeros_like(sum_p);
+      write_stats(st, at::where(r.any, m.npos * act_n - m.nneg * act_p, z1), Tensor(),
+                  at::where(r.any, m.nneg * sum_p + m.npos * sum_n, z1), at::where(r.any, m.nneg * nz_p + m.npos * nz_n, z1),
+                  m);
+      if (want_grad) G = margin_grad(r, m, at::ones_like(sum_p));
+      break;
+    }
+    case kFastAp: {
+      const FastAp r = fastap_hist(S, m, static_cast<int64_t>(spec.p[0]));
+      write_stats(st, Tensor(), Tensor(), r.loss, m.npos.gt(0).to(S.scalar_type()), m);
+      if (want_grad) G = fastap_grad(r, m, at::ones_like(r.loss), static_cast<int64_t>(spec.p[0]));
       break;
     }
     case kTripletAll: {
@@ -254,7 +394,7 @@ void aten_backward(Tensor& S, int64_t row0, const PairwiseRows& rows, const Pair
   const double t = spec.p[0];
   Tensor G;
   switch (spec.loss) {
-    case kCircle: case kUnified: case kMultiSimilarity: {
+    case kCircle: case kUnified: case kMultiSimilarity: case kGenLifted: {
       TwoSet r = twoset(S, m, spec);
       r.lse_p = st.select(1, kPairAux0);  // the forward's statistics, as the CPU kernel uses them
       r.lse_n = st.select(1, kPairAux1);
@@ -270,12 +410,8 @@ void aten_backward(Tensor& S, int64_t row0, const PairwiseRows& rows, const Pair
           (soft - m.pos.to(a.scalar_type()) / m.npos.clamp_min(1).unsqueeze(1));
       break;
     }
-    case kNTXent: {
-      const Tensor a = S / t;
-      const Tensor z = st.select(1, kPairAux0).unsqueeze(1) - a;
-      const Tensor c = st.select(1, kPairAux1);
-      G = (w0 / t).unsqueeze(1) *
-          at::where(m.pos, -z.sigmoid(), at::where(m.neg, c.unsqueeze(1) * (-z).exp(), at::zeros_like(z)));
+    case kNTXent: case kTupletMargin: {
+      G = perpos_grad(perpos_logits(S, spec), m, st.select(1, kPairAux0), st.select(1, kPairAux1), w0);
       break;
     }
     case kContrastive: {
@@ -284,6 +420,15 @@ void aten_backward(Tensor& S, int64_t row0, const PairwiseRows& rows, const Pair
       const Tensor g_pos = w0.unsqueeze(1) * relu_grad(d - spec.p[0]) * dd;
       const Tensor g_neg = -w.select(1, 1).unsqueeze(1) * relu_grad(spec.p[1] - d) * dd;
       G = at::where(m.pos, g_pos, at::where(m.neg, g_neg, at::zeros_like(d)));
+      break;
+    }
+    case kMarginAll: {
+      G = margin_grad(margin_terms(S, m, row_params_of(S, row0, spec), spec.p[0]), m, w0);
+      break;
+    }
+    case kFastAp: {
+      const int64_t bins = static_cast<int64_t>(spec.p[0]);
+      G = fastap_grad(fastap_hist(S, m, bins), m, w0, bins);
       break;
     }
     case kTripletAll: {

@@ -23,7 +23,11 @@ struct Scratch {
   std::vector<T> a, b, c, d;
   std::vector<int64_t> ia, ib;
   std::vector<double> prefix;
+  std::vector<T> bins;  // FastAP's histograms and their cumulative sums
   explicit Scratch(int64_t M) : a(M), b(M) {}
+  void ensure_bins(int64_t edges) {
+    if (static_cast<int64_t>(bins.size()) < 5 * edges) bins.resize(5 * edges);
+  }
   void ensure_triplet(int64_t M) {
     if (static_cast<int64_t>(c.size()) < M) {
       c.resize(M);
@@ -261,19 +265,35 @@ SLF_HD void supcon_backward(const Row<T, L> r, T inv_t, T w) {
   }
 }
 
-// ---------------------------------------------------------------- NT-Xent
+// ---------------------------------------------------------------- NT-Xent, tuplet margin
 
-// l = sum_{p in P} softplus(LSE_N a - a_p), a = s / t.
-template <typename T, typename L>
-SLF_HD void ntxent_forward(const Row<T, L> r, T* buf, T inv_t, bool want_grad) {
+// Writes w * dl/ds: positives -w a_pos' sigmoid(LSE_N - a_pos), negatives w c a_neg' e^{a_neg - LSE_N}
+// with c = sum_p sigmoid(LSE_N - a_pos) (one exp per pair).
+template <typename T, typename L, typename Logits>
+SLF_HD void perpos_grad(const Row<T, L> r, const Logits& lg, T lse_n, T c, T w) {
+  SLF_ROW_LOCALS(r);
+  const T c_n = w * c;
+#pragma omp simd
+  for (int64_t j = 0; j < M; ++j) {
+    const T sj = s[j];
+    const bool same = lab[j] == li;
+    const T e = exp_fast((same ? lg.pos(sj) : lg.neg(sj)) - lse_n);
+    const T g_pos = j != self_j ? -w * lg.pos_grad(sj) / (T(1) + e) : T(0);
+    s[j] = same ? g_pos : c_n * e * lg.neg_grad(sj);
+  }
+}
+
+// l = sum_{p in P} softplus(LSE_N a_neg - a_pos(s_p)), the logits given by lg (NTXentLogits:
+// a = s / t; TupletLogits: positives scale cos(theta - margin), negatives scale s).
+template <typename T, typename L, typename Logits>
+SLF_HD void perpos_forward(const Row<T, L> r, const Logits& lg, bool want_grad) {
   SLF_ROW_LOCALS(r);
   T max_n = neg_inf<T>();
   int64_t cnt_p = 0, cnt_n = 0;
 #pragma omp simd reduction(max : max_n) reduction(+ : cnt_p, cnt_n)
   for (int64_t j = 0; j < M; ++j) {
-    const T a = s[j] * inv_t;
     const bool same = lab[j] == li;
-    const T v = same ? neg_inf<T>() : a;
+    const T v = same ? neg_inf<T>() : lg.neg(s[j]);
     max_n = max_n > v ? max_n : v;  // canonical max form, see twoset_forward
     cnt_p += (same && j != self_j) ? 1 : 0;
     cnt_n += same ? 0 : 1;
@@ -282,8 +302,7 @@ SLF_HD void ntxent_forward(const Row<T, L> r, T* buf, T inv_t, bool want_grad) {
 #pragma omp simd reduction(+ : sum_n)
   for (int64_t j = 0; j < M; ++j) {
     const bool same = lab[j] == li;
-    const T e = exp_fast(s[j] * inv_t - max_n);
-    buf[j] = same ? T(0) : e;
+    const T e = exp_fast(lg.neg(s[j]) - max_n);
     sum_n += same ? T(0) : e;
   }
   const T lse_n = cnt_n > 0 ? max_n + log_(sum_n) : neg_inf<T>();
@@ -291,7 +310,7 @@ SLF_HD void ntxent_forward(const Row<T, L> r, T* buf, T inv_t, bool want_grad) {
   T loss = T(0), c = T(0);
   for (int64_t j = 0; j < M; ++j) {
     if (lab[j] == li && j != self_j) {
-      const T z = lse_n - s[j] * inv_t;
+      const T z = lse_n - lg.pos(s[j]);
       loss += softplus_exact(z);
       c += sigmoid(z);
     }
@@ -304,32 +323,16 @@ SLF_HD void ntxent_forward(const Row<T, L> r, T* buf, T inv_t, bool want_grad) {
   st[kPairNumPos] = static_cast<T>(cnt_p);
   st[kPairNumNeg] = static_cast<T>(cnt_n);
   if (!want_grad) return;
-  const T c_n = cnt_n > 0 ? c * inv_t / sum_n : T(0);
-#pragma omp simd
-  for (int64_t j = 0; j < M; ++j) {
-    const bool same = lab[j] == li;
-    const T sig = T(1) / (T(1) + exp_fast(s[j] * inv_t - lse_n));  // sigmoid(lse_n - a_j)
-    const T g_pos = j != self_j ? -inv_t * sig : T(0);
-    s[j] = same ? g_pos : c_n * buf[j];
-  }
+  perpos_grad(r, lg, lse_n, c, T(1));
 }
 
-template <typename T, typename L>
-SLF_HD void ntxent_backward(const Row<T, L> r, T inv_t, T w) {
-  SLF_ROW_LOCALS(r);
-  const T* st = r.stats;
+template <typename T, typename L, typename Logits>
+SLF_HD void perpos_backward(const Row<T, L> r, const Logits& lg, T w) {
   if (w == T(0)) {
-    std::fill(s, s + M, T(0));
+    std::fill(r.s, r.s + r.M, T(0));
     return;
   }
-  const T lse_n = st[kPairAux0], c_n = w * st[kPairAux1] * inv_t;
-#pragma omp simd
-  for (int64_t j = 0; j < M; ++j) {
-    const bool same = lab[j] == li;
-    const T e = exp_fast(s[j] * inv_t - lse_n);  // exp(a_j - lse_n)
-    const T g_pos = j != self_j ? -w * inv_t / (T(1) + e) : T(0);
-    s[j] = same ? g_pos : c_n * e;
-  }
+  perpos_grad(r, lg, r.stats[kPairAux0], r.stats[kPairAux1], w);
 }
 
 // ---------------------------------------------------------------- contrastive
@@ -622,6 +625,188 @@ SLF_HD void triplet_hard_row(const Row<T, L> r, T* buf, T* tmp, const PairwiseSp
   s[jn] = -g * (direct ? T(1) : pair_distance_grad(best_n));
 }
 
+// ---------------------------------------------------------------- margin loss, all triplets
+
+// Wu et al.'s margin loss over every triplet (a, p, n) of anchor a: relu(d_p - beta + margin) +
+// relu(beta - d_n + margin). Each positive's term recurs once per negative and vice versa, so
+// the anchor's sum is |N| sum_P relu(d_p - beta + margin) + |P| sum_N relu(beta - d_n + margin),
+// its count the non-zero parts counted the same way (a NaN part makes the sum NaN instead of
+// being counted), and aux0 the derivative of the sum in beta (the anchor's own parameter).
+template <typename T, typename L>
+SLF_HD void margin_row(const Row<T, L> r, T margin, T beta, bool want_stats, bool want_grad, T w) {
+  SLF_ROW_LOCALS(r);
+  // Written with "active" booleans rather than relu / row_counts / relu_grad: in that form GCC's
+  // vectorizer gave up on the loop, and with 0/1 factors (ip * lp) GCC 12 miscompiles the double
+  // version of the counts. A NaN part is carried into the sums explicitly, and the derivative in
+  // beta is made NaN with it below. Counters in T, for the same reason.
+  T sum_p = T(0), sum_n = T(0), on_p = T(0), on_n = T(0), cnt_p = T(0), cnt_n = T(0);
+#pragma omp simd reduction(+ : sum_p, sum_n, on_p, on_n, cnt_p, cnt_n)
+  for (int64_t j = 0; j < M; ++j) {
+    const T d = unit_distance(s[j]);
+    const bool same = lab[j] == li;
+    const bool pos = same && j != self_j;
+    const T lp = (d - beta) + margin, ln = (beta - d) + margin;
+    const bool ap = pos && lp > T(0), an = !same && ln > T(0);
+    sum_p += ap ? lp : ((pos && lp != lp) ? lp : T(0));
+    sum_n += an ? ln : ((!same && ln != ln) ? ln : T(0));
+    on_p += ap ? T(1) : T(0);
+    on_n += an ? T(1) : T(0);
+    cnt_p += pos ? T(1) : T(0);
+    cnt_n += same ? T(0) : T(1);
+  }
+  const bool any = cnt_p > T(0) && cnt_n > T(0);  // an anchor without triplets contributes nothing
+  const T np = cnt_p, nn = cnt_n;
+  const T term = nn * sum_p + np * sum_n;
+  if (want_stats) {
+    T* st = r.stats;
+    const T dbeta = np * on_n - nn * on_p;
+    st[kPairAux0] = any ? (term != term ? term : dbeta) : T(0);
+    st[kPairSum0] = any ? term : T(0);
+    st[kPairCount0] = any ? nn * on_p + np * on_n : T(0);
+    st[kPairNumPos] = np;
+    st[kPairNumNeg] = nn;
+  }
+  if (!want_grad) return;
+  const T wp = any ? w * nn : T(0), wn = any ? -w * np : T(0);
+#pragma omp simd
+  for (int64_t j = 0; j < M; ++j) {
+    const T d = unit_distance(s[j]);
+    const bool same = lab[j] == li;
+    const bool pos = same && j != self_j;
+    const T dd = unit_distance_grad(d);  // NaN for a NaN distance, and relu_grad keeps it
+    const T g_pos = wp * relu_grad((d - beta) + margin) * dd;
+    const T g_neg = wn * relu_grad((beta - d) + margin) * dd;
+    s[j] = same ? (pos ? g_pos : T(0)) : g_neg;
+  }
+}
+
+// ---------------------------------------------------------------- FastAP
+
+// The loops of a FastAP row, each in a small function of plain pointers: inside fastap_row GCC
+// left them scalar. Counts in T for the same reason.
+template <typename T, typename L>
+SLF_CPU_MULTIVERSION void fastap_sq_distances(const T* s, const L* lab, L li, int64_t self_j, int64_t M, T* d2,
+                                              T* counts) {
+  T cnt_p = T(0), cnt_n = T(0), n_nan = T(0);
+#pragma omp simd reduction(+ : cnt_p, cnt_n, n_nan)
+  for (int64_t j = 0; j < M; ++j) {
+    const bool same = lab[j] == li;
+    const bool pos = same && j != self_j;
+    const T v = unit_sq_distance(s[j]);
+    d2[j] = v;
+    cnt_p += pos ? T(1) : T(0);
+    cnt_n += same ? T(0) : T(1);
+    n_nan += ((pos || !same) && v != v) ? T(1) : T(0);
+  }
+  counts[0] = cnt_p;
+  counts[1] = cnt_n;
+  counts[2] = n_nan;
+}
+
+template <typename T, typename L>
+SLF_CPU_MULTIVERSION void fastap_histograms(const T* d2, const L* lab, L li, int64_t M, const FastApBins<T>& bins,
+                                            const T* centers, T* ha, T* hb) {
+  for (int64_t k = 0; k < bins.edges; ++k) {
+    const T c = centers[k];
+    T a = T(0), b = T(0);
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t j = 0; j < M; ++j) {
+      const bool same = lab[j] == li;
+      const T pl = bins.pulse(d2[j], c);
+      a += same ? pl : T(0);
+      b += same ? T(0) : pl;
+    }
+    ha[k] = a;
+    hb[k] = b;
+  }
+}
+
+// g_j = sum_k (dl/da_k or dl/db_k) d pulse_k / d d2_j, times d d2 / ds.
+template <typename T, typename L>
+SLF_CPU_MULTIVERSION void fastap_spread(const T* d2, const L* lab, L li, int64_t M, const FastApBins<T>& bins,
+                                        const T* centers, const T* ca, const T* cb, T* g, T* s) {
+  std::fill(g, g + M, T(0));
+  for (int64_t k = 0; k < bins.edges; ++k) {
+    const T c = centers[k], a = ca[k], b = cb[k];
+#pragma omp simd
+    for (int64_t j = 0; j < M; ++j) g[j] += (lab[j] == li ? a : b) * bins.pulse_grad(d2[j], c);
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < M; ++j) s[j] = g[j] * (d2[j] > T(0) ? T(-2) : T(0));
+}
+
+// Cakir et al.'s FastAP with PML's histogram: squared distances d2 in [0, 4] binned by
+// triangular pulses at edges = num_bins + 1 centers; per anchor the positives' histogram a_k and
+// the negatives' b_k, their cumulative sums A_k and T_k = sum_{l <= k} (a_l + b_l), and
+// FastAP = (1 / |P|) sum_k a_k A_k / T_k over the bins where a_k A_k > 0 and T_k > 0 (only those
+// carry gradient, as in PML). The row loss is 1 - FastAP (counted) for anchors with positives.
+template <typename T, typename L>
+void fastap_row(const Row<T, L> r, Scratch<T>& sc, const FastApBins<T>& bins, bool want_stats, bool want_grad, T w) {
+  SLF_ROW_LOCALS(r);
+  const int64_t E = bins.edges;
+  sc.ensure_bins(E);
+  T* d2 = sc.a.data();
+  T* ha = sc.bins.data();  // a_k, then dl/da_k
+  T* hb = ha + E;          // b_k, then dl/db_k
+  T* cum_a = hb + E;
+  T* cum_t = cum_a + E;
+  // The centers outside the loops: FastApBins::center's branch split the bin loop in two and
+  // left one half scalar.
+  T* centers = cum_t + E;
+  for (int64_t k = 0; k < E; ++k) centers[k] = bins.center(k);
+  T counts[3];
+  fastap_sq_distances(s, lab, li, self_j, M, d2, counts);
+  const T cnt_p = counts[0], cnt_n = counts[1], n_nan = counts[2];
+  // The anchor's own column, when its label is the anchor's (not a positive, not a negative),
+  // gets d2 = inf: no bin's pulse reaches it (nor its derivative), so the loops need not test
+  // for it. (With another label it is a negative, as in every loss.)
+  if (self_j >= 0 && self_j < M && lab[self_j] == li) d2[self_j] = static_cast<T>(INFINITY);
+  fastap_histograms(d2, lab, li, M, bins, centers, ha, hb);
+  // F and, by suffix sums over the safe bins, dF/da_k = [safe_k] A_k / T_k + sum_{l >= k, safe}
+  // (a_l / T_l - a_l A_l / T_l^2) and dF/db_k = -sum_{l >= k, safe} a_l A_l / T_l^2.
+  T A = T(0), Tt = T(0), F = T(0);
+  for (int64_t k = 0; k < E; ++k) {
+    A += ha[k];
+    Tt += ha[k] + hb[k];
+    cum_a[k] = A;
+    cum_t[k] = Tt;
+    if (ha[k] * A > T(0) && Tt > T(0)) F += ha[k] * A / Tt;
+  }
+  const T np = cnt_p;
+  const bool has_pos = cnt_p > T(0);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  T loss = has_pos ? T(1) - F / np : T(0);
+  if (has_pos && n_nan > T(0)) loss = nan;
+  if (want_stats) {
+    T* st = r.stats;
+    st[kPairSum0] = loss;
+    st[kPairCount0] = has_pos ? T(1) : T(0);
+    st[kPairNumPos] = np;
+    st[kPairNumNeg] = cnt_n;
+  }
+  if (!want_grad) return;
+  if (!has_pos || w == T(0)) {
+    std::fill(s, s + M, T(0));
+    return;
+  }
+  if (n_nan > T(0)) {
+    std::fill(s, s + M, nan);
+    return;
+  }
+  T R = T(0), Q = T(0);
+  for (int64_t k = E - 1; k >= 0; --k) {
+    const bool safe = ha[k] * cum_a[k] > T(0) && cum_t[k] > T(0);
+    const T a = ha[k], Ak = cum_a[k], Tk = cum_t[k];
+    if (safe) {
+      R += a / Tk - a * Ak / (Tk * Tk);
+      Q += a * Ak / (Tk * Tk);
+    }
+    ha[k] = -w * ((safe ? Ak / Tk : T(0)) + R) / np;  // dl/da_k
+    hb[k] = w * Q / np;                                // dl/db_k
+  }
+  fastap_spread(d2, lab, li, M, bins, centers, ha, hb, sc.b.data(), s);
+}
+
 // ---------------------------------------------------------------- dispatch over rows
 
 template <typename T, typename L>
@@ -675,9 +860,16 @@ SLF_CPU_MULTIVERSION void other_rows(const StripArgs<T, L>& a, int64_t r_begin, 
       case kSupCon:
         a.backward ? supcon_backward(row, T(1) / p0, w0) : supcon_forward(row, sc.a.data(), T(1) / p0, a.want_grad);
         break;
-      case kNTXent:
-        a.backward ? ntxent_backward(row, T(1) / p0, w0) : ntxent_forward(row, sc.a.data(), T(1) / p0, a.want_grad);
+      case kNTXent: {
+        const NTXentLogits<T> lg(T(1) / p0);
+        a.backward ? perpos_backward(row, lg, w0) : perpos_forward(row, lg, a.want_grad);
         break;
+      }
+      case kTupletMargin: {
+        const TupletLogits<T> lg(spec.p[0], p1);
+        a.backward ? perpos_backward(row, lg, w0) : perpos_forward(row, lg, a.want_grad);
+        break;
+      }
       case kContrastive: {
         const PairWindow<T> win = row_window(row, spec, T(-1), spec.direct());
         if (a.backward) {
@@ -706,6 +898,33 @@ SLF_CPU_MULTIVERSION void other_rows(const StripArgs<T, L>& a, int64_t r_begin, 
   }
 }
 
+// MarginLoss and FastAP rows in functions of their own: inlined into other_rows' large switch,
+// GCC left their loops scalar.
+template <typename T, typename L>
+SLF_CPU_MULTIVERSION void margin_rows(const StripArgs<T, L>& a, int64_t r_begin, int64_t r_end) {
+  const T margin = static_cast<T>(a.spec->p[0]);
+  const T* beta = static_cast<const T*>(a.spec->row_params);
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const Row<T, L> row = row_at(a, r);
+    const T w0 = a.backward ? a.weights[a.row0 + r] : T(1);
+    if (a.backward && w0 == T(0)) {
+      std::fill(row.s, row.s + row.M, T(0));
+    } else {
+      margin_row(row, margin, beta[a.row0 + r], !a.backward, a.backward || a.want_grad, w0);
+    }
+  }
+}
+
+template <typename T, typename L>
+void fastap_rows(const StripArgs<T, L>& a, int64_t r_begin, int64_t r_end) {
+  Scratch<T> sc(a.M);
+  const FastApBins<T> bins(static_cast<int64_t>(a.spec->p[0]));
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const T w0 = a.backward ? a.weights[a.row0 + r] : T(1);
+    fastap_row(row_at(a, r), sc, bins, !a.backward, a.backward || a.want_grad, w0);
+  }
+}
+
 // Rows per parallel task: enough work per task (about 64k pairs) to amortize the scheduling.
 int64_t row_grain(int64_t M) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(M, 1)); }
 
@@ -728,6 +947,14 @@ void run_rows(const StripArgs<T, L>& a, int64_t rows) {
       const auto separate = [ia, ib](T lp, T ln, bool, bool) { return combine_separate(lp, ln, ia, ib); };
       return twoset(MultiSimilarityLogits<T>(p0, p1, p2), separate, false);
     }
+    case kGenLifted: {
+      const auto relu_of_sum = [](T lp, T ln, bool hp, bool hn) { return combine_relu(lp, ln, hp, hn); };
+      return twoset(GenLiftedLogits<T>(p0, p1), relu_of_sum, false);
+    }
+    case kMarginAll:
+      return at::parallel_for(0, rows, row_grain(a.M), [&](int64_t b, int64_t e) { margin_rows(a, b, e); });
+    case kFastAp:
+      return at::parallel_for(0, rows, row_grain(a.M), [&](int64_t b, int64_t e) { fastap_rows(a, b, e); });
     default:
       at::parallel_for(0, rows, row_grain(a.M), [&](int64_t b, int64_t e) { other_rows(a, b, e); });
   }
@@ -1427,11 +1654,31 @@ std::pair<at::Tensor, at::Tensor> compact_labels(const at::Tensor& labels, const
 
 const PairwiseEpilogue& pick() { return aten_epilogue_forced() ? kAtenEpilogue : kCpuEpilogue; }
 
+// The spec of an op call; row_params (B,) is required exactly by the losses that take it. The
+// returned tensor owns the parameters spec.row_params points to (x's dtype, contiguous).
+std::pair<PairwiseSpec, at::Tensor> checked_spec(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
+                                                 const at::Tensor& ref_labels, const at::Tensor* row_params,
+                                                 int64_t self_offset, bool ref_is_x, int64_t loss,
+                                                 at::ArrayRef<double> params) {
+  PairwiseSpec spec = make_pairwise_spec(loss, params, self_offset, ref_is_x);
+  check_pairwise_inputs(x, labels, ref, ref_labels, spec);
+  TORCH_CHECK(pair_loss_has_row_params(loss) == (row_params != nullptr), "structloss_fast: pairwise loss ", loss,
+              pair_loss_has_row_params(loss) ? " takes a parameter per anchor (op pairwise_loss_rowparam)"
+                                             : " takes no per-anchor parameters (op pairwise_loss)");
+  at::Tensor rp;
+  if (row_params != nullptr) {
+    TORCH_CHECK(row_params->dim() == 1 && row_params->size(0) == x.size(0), "structloss_fast: row_params must be (B,)");
+    TORCH_CHECK(row_params->device() == x.device(), "structloss_fast: all inputs must be on one device");
+    rp = row_params->to(x.scalar_type()).contiguous();
+    spec.row_params = rp.data_ptr();
+  }
+  return {spec, rp};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_cpu(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
     int64_t self_offset, bool ref_is_x, int64_t loss, at::ArrayRef<double> params, int64_t grad_mode) {
-  const PairwiseSpec spec = make_pairwise_spec(loss, params, self_offset, ref_is_x);
-  check_pairwise_inputs(x, labels, ref, ref_labels, spec);
+  const PairwiseSpec spec = checked_spec(x, labels, ref, ref_labels, nullptr, self_offset, ref_is_x, loss, params).first;
   auto [lab, ref_lab] = compact_labels(labels, ref_labels);
   if (const SymmetricEpilogue* sym = symmetric_epilogue(spec)) {
     TORCH_CHECK(grad_mode >= kGradNone && grad_mode < kNumPairGradModes, "structloss_fast: unknown grad_mode ", grad_mode);
@@ -1444,8 +1691,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_loss_backward_cpu(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
     const at::Tensor& row_stats, const at::Tensor& row_weights, int64_t self_offset, bool ref_is_x, int64_t loss,
     at::ArrayRef<double> params, bool ref_grad) {
-  const PairwiseSpec spec = make_pairwise_spec(loss, params, self_offset, ref_is_x);
-  check_pairwise_inputs(x, labels, ref, ref_labels, spec);
+  const PairwiseSpec spec = checked_spec(x, labels, ref, ref_labels, nullptr, self_offset, ref_is_x, loss, params).first;
   auto [lab, ref_lab] = compact_labels(labels, ref_labels);
   if (const SymmetricEpilogue* sym = symmetric_epilogue(spec)) {
     TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == x.size(0) && row_stats.size(1) == kNumPairStats,
@@ -1457,11 +1703,31 @@ std::tuple<at::Tensor, at::Tensor> pairwise_loss_backward_cpu(
   return pairwise_backward_driver(x, lab, ref, ref_lab, row_stats, row_weights, spec, ref_grad, pick());
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_rowparam_cpu(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
+    const at::Tensor& row_params, int64_t self_offset, bool ref_is_x, int64_t loss, at::ArrayRef<double> params,
+    int64_t grad_mode) {
+  const auto [spec, rp] = checked_spec(x, labels, ref, ref_labels, &row_params, self_offset, ref_is_x, loss, params);
+  auto [lab, ref_lab] = compact_labels(labels, ref_labels);
+  return pairwise_forward_driver(x, lab, ref, ref_lab, spec, grad_mode, pick());
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_loss_rowparam_backward_cpu(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
+    const at::Tensor& row_params, const at::Tensor& row_stats, const at::Tensor& row_weights, int64_t self_offset,
+    bool ref_is_x, int64_t loss, at::ArrayRef<double> params, bool ref_grad) {
+  const auto [spec, rp] = checked_spec(x, labels, ref, ref_labels, &row_params, self_offset, ref_is_x, loss, params);
+  auto [lab, ref_lab] = compact_labels(labels, ref_labels);
+  return pairwise_backward_driver(x, lab, ref, ref_lab, row_stats, row_weights, spec, ref_grad, pick());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(structloss_fast, CPU, m) {
   m.impl("pairwise_loss", &pairwise_loss_cpu);
   m.impl("pairwise_loss_backward", &pairwise_loss_backward_cpu);
+  m.impl("pairwise_loss_rowparam", &pairwise_loss_rowparam_cpu);
+  m.impl("pairwise_loss_rowparam_backward", &pairwise_loss_rowparam_backward_cpu);
 }
 
 }  // namespace structloss_fast

@@ -146,7 +146,8 @@ register(Case(
 ))
 
 
-def pml_skip(limits):
+def pml_skip(limits, limits_reason="PML materializes a (positive pairs) x (negative pairs) tensor: out of memory "
+                                   "at this B"):
     """Skip PML where its documented memory blow-up makes the run impossible on 24 GB."""
     def skip(provider, size, device):
         if provider.startswith("structloss_fast:") and device != "cuda":
@@ -154,7 +155,6 @@ def pml_skip(limits):
         if provider == "pml" and device == "cpu" and size["B"] > limits:
             return limits_reason
         return None
-    limits_reason = "PML materializes a (positive pairs) x (negative pairs) tensor: out of memory at this B"
     return skip
 
 
@@ -363,3 +363,33 @@ register(Case(
     full_sizes=[{"B": 8192, "D": 128}],
     mode="forward",
 ))
+
+
+# ---------------------------------------------------------------- the losses ported from PML
+
+# (case, PML class, our function, default B, PML's largest B here, what PML builds densely)
+for _name, _pml_name, _fn, _default_b, _limit, _why in [
+    ("generalized_lifted_structure_loss", "GeneralizedLiftedStructureLoss", "generalized_lifted_structure_loss", 2048,
+     8192, "B x B masks and distances"),
+    ("npairs_loss", "NPairsLoss", "npairs_loss", 2048, 8192, "B x B label matches to find the pairs"),
+    ("tuplet_margin_loss", "TupletMarginLoss", "tuplet_margin_loss", 256, 256,
+     "PML materializes a (positive pairs) x (negative pairs) tensor, about 3 B^3 values: out of memory above B = 256"),
+    ("margin_loss", "MarginLoss", "margin_based_loss", 1024, 2048,
+     "PML lists every triplet (about 3 B^2 index triples and B^3 bytes of masks): out of memory above B = 2048"),
+    ("fastap_loss", "FastAPLoss", "fastap_loss", 2048, 4096,
+     "PML builds (num_bins + 1) x B x B pulses several times: out of memory above B = 4096"),
+]:
+    register(Case(
+        family="pairwise",
+        name=_name,
+        description=f"{_fn} (PML's defaults) vs PML's {_pml_name}, D=128, ~4 samples per class",
+        providers={
+            "structloss_fast": fwd_bwd(_slf(_fn)),
+            "structloss_fast:cuda-strip": fwd_bwd(_slf(_fn, backend="cuda")),
+            "pml": _pml(_pml_name),
+        },
+        sizes=[{"B": _default_b, "D": 128}],
+        full_sizes=[{"B": b, "D": 128} for b in sorted({_limit, 8192})],
+        ours=("structloss_fast", "structloss_fast:cuda-strip"),
+        skip=pml_skip(_limit, _why),
+    ))

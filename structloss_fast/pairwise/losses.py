@@ -12,12 +12,14 @@ pair (or triplet) losses for the pair-level ones (NT-Xent, contrastive, triplet)
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import _oplib, _registry, _validate
-from .._ids import PairExtParam, PairGradMode, PairMiner, PairValue
+from .._ids import PairExtParam, PairGradMode, PairMiner, PairStat, PairValue
 from .._module import LossModule
 from . import _ops, _semantics
 from . import distances as _distances
@@ -386,6 +388,47 @@ def _ext_forced_aten() -> bool:
     return os.environ.get("STRUCTLOSS_FAST_PAIRWISE_EPILOGUE", "") == "aten"
 
 
+def _stats(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, ref_labels, reduction, backend,
+           ref_self_index=None, row_params=None, reference_kw=None):
+    """(row statistics, None) from a kernel, or (None, the loss) from the reference: the path of
+    the losses without PML's keywords (generalized lifted structure, tuplet margin, FastAP,
+    MarginLoss)."""
+    check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    if labels is None:
+        raise ValueError(f"{loss_name}: labels are needed")
+    _validate.reduction(reduction)
+    loss_id = _ops.LOSSES[loss_name]
+    chosen = _ops.resolve(backend, embeddings, loss_id, ref_embeddings)
+    if chosen == "reference":
+        emb, ref_emb = _oplib.loss_inputs(embeddings, ref_embeddings)  # (float32 under autocast)
+        with _oplib.autocast_off(embeddings.device):
+            loss = reference_fn(emb, labels, *params, ref_embeddings=ref_emb, ref_labels=ref_labels,
+                                reduction=reduction, ref_self_index=ref_self_index, **(reference_kw or {}))
+        return None, loss.to(_oplib.loss_dtype(embeddings))
+    x, lab, ref, ref_lab, self_offset, ref_is_x = prepare(embeddings, labels, ref_embeddings, ref_labels,
+                                                          ref_self_index, chosen)
+    grad_mode = PairGradMode.NONE
+    fused = chosen == "cpu" or (chosen == "cuda" and _ops.terms(loss_id) == 1)
+    if reduction != "none" and fused and torch.is_grad_enabled():
+        if embeddings.requires_grad:
+            grad_mode = PairGradMode.X
+        if ref_embeddings is not None and ref_embeddings.requires_grad:
+            grad_mode = PairGradMode.X_REF
+    if row_params is not None:
+        row_params = row_params.to(x.dtype)
+    return _ops.run(chosen, x, lab, ref, ref_lab, self_offset, ref_is_x, loss_id, params, grad_mode, row_params), None
+
+
+def _run_plain(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, ref_labels, reduction, backend,
+               ref_self_index=None):
+    stats, loss = _stats(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, ref_labels, reduction,
+                         backend, ref_self_index)
+    if stats is None:
+        return loss
+    out = _ops.reduce(stats, _ops.LOSSES[loss_name], reduction).to(_oplib.loss_dtype(embeddings))
+    return _ref.nan_unless_finite(out, embeddings, ref_embeddings)
+
+
 _COMMON_DOC = """
     Common arguments:
         embeddings: (B, D), float16/bfloat16/float32/float64, any strides.
@@ -525,8 +568,150 @@ def triplet_margin_loss(embeddings: Tensor, labels: Tensor | None, *, margin: fl
                 ref_self_index, options=dict(swap=bool(swap), smooth_loss=bool(smooth_loss)), **_check_pml(pml))
 
 
+def _gen_lifted_params(pos_margin, neg_margin):
+    return (_validate.number("pos_margin", pos_margin), _validate.number("neg_margin", neg_margin))
+
+
+TUPLET_DEFAULT_MARGIN = math.radians(5.73)  # PML's default (5.73 degrees), 0.1000 rad
+
+
+def _tuplet_params(margin, scale):
+    margin = _validate.number("margin", margin, lo=0.0)
+    if margin > math.pi / 2:
+        raise ValueError(f"margin is an angle in radians, in [0, pi/2]; got {margin} (pytorch-metric-learning's "
+                         f"TupletMarginLoss takes degrees: {margin} degrees is margin={math.radians(margin):.6g})")
+    return margin, _validate.number("scale", scale, lo=0.0, lo_open=True)
+
+
+def _fastap_params(num_bins):
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
+    return (float(num_bins),)
+
+
+def generalized_lifted_structure_loss(embeddings: Tensor, labels: Tensor, *, neg_margin: float = 1.0,
+                                      pos_margin: float = 0.0, ref_embeddings: Tensor | None = None,
+                                      ref_labels: Tensor | None = None, reduction: str = "mean",
+                                      backend: str = "auto", ref_self_index: int | None = None) -> Tensor:
+    """Generalized lifted structure loss (Hermans et al. 2017), as PML's
+    GeneralizedLiftedStructureLoss: Euclidean distances of the normalized embeddings,
+    relu(LSE_P (d - pos_margin) + LSE_N (neg_margin - d)) per anchor (an empty set's LSE is 0),
+    "mean" over all anchors."""
+    return _run_plain("generalized_lifted_structure", _gen_lifted_params(pos_margin, neg_margin),
+                _ref.generalized_lifted_structure_loss, embeddings, labels, ref_embeddings, ref_labels, reduction,
+                backend, ref_self_index)
+
+
+def tuplet_margin_loss(embeddings: Tensor, labels: Tensor, *, margin: float = TUPLET_DEFAULT_MARGIN,
+                       scale: float = 64.0, ref_embeddings: Tensor | None = None, ref_labels: Tensor | None = None,
+                       reduction: str = "mean", backend: str = "auto", ref_self_index: int | None = None) -> Tensor:
+    """Tuplet margin loss (Yu and Tao, ICCV 2019), as PML's TupletMarginLoss: for each positive
+    pair, log(1 + sum_N exp(scale (s_n - cos(theta_p - margin)))) with theta_p = acos(s_p),
+    "mean" over all positive pairs; 0 when the batch has no positive or no negative pair.
+    margin: radians in [0, pi/2] (PML takes degrees; the default is its 5.73 degrees)."""
+    return _run_plain("tuplet_margin", _tuplet_params(margin, scale), _ref.tuplet_margin_loss, embeddings, labels,
+                ref_embeddings, ref_labels, reduction, backend, ref_self_index)
+
+
+def fastap_loss(embeddings: Tensor, labels: Tensor, *, num_bins: int = 10, ref_embeddings: Tensor | None = None,
+                ref_labels: Tensor | None = None, reduction: str = "mean", backend: str = "auto",
+                ref_self_index: int | None = None) -> Tensor:
+    """FastAP (Cakir et al., CVPR 2019), as PML's FastAPLoss: the squared Euclidean distances of
+    the normalized embeddings in num_bins + 1 triangular histogram bins over [0, 4], per anchor
+    1 - its histogram approximation of average precision, "mean" over the anchors that have a
+    positive. (PML takes no references; here they work as for every pairwise loss.)"""
+    return _run_plain("fastap", _fastap_params(num_bins), lambda e, y, nb, **kw: _ref.fastap_loss(e, y, int(nb), **kw),
+                embeddings, labels, ref_embeddings, ref_labels, reduction, backend, ref_self_index)
+
+
+def _margin_beta(beta, labels: Tensor, dtype, device):
+    """(beta per anchor (B,), whether beta is a single number). beta: a number, a one-element
+    tensor, or a (num_classes,) tensor indexed by the labels (PML's class-specific beta)."""
+    B = labels.shape[0]
+    if not torch.is_tensor(beta):
+        value = _validate.number("beta", beta)
+        return torch.full((B,), value, dtype=dtype, device=device), True
+    _validate.tensor("beta", beta, floating=True)
+    _validate.same_device(beta=beta, labels=labels)
+    if beta.numel() == 1:
+        return beta.reshape(1).to(dtype).expand(B), True
+    if beta.dim() != 1:
+        raise ValueError(f"beta must be a number, a one-element tensor or (num_classes,), got shape {tuple(beta.shape)}")
+    C = beta.shape[0]
+    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= C:
+            raise ValueError(f"labels must be class indices in [0, {C}) to pick the class-specific beta "
+                             f"(num_classes={C}), got labels in [{lo}, {hi}]")
+    return beta.to(dtype)[labels.clamp(0, C - 1)], False
+
+
+def margin_based_loss(embeddings: Tensor, labels: Tensor, *, margin: float = 0.2, beta=1.2, nu: float = 0.0,
+                ref_embeddings: Tensor | None = None, ref_labels: Tensor | None = None, reduction: str = "mean",
+                backend: str = "auto", ref_self_index: int | None = None) -> Tensor:
+    """Margin loss (Wu et al., ICCV 2017), as PML's MarginLoss with triplets_per_anchor="all":
+    Euclidean distances of the normalized embeddings, over every triplet (a, p, n)
+    relu(d_ap - beta + margin) + relu(beta - d_an + margin), summed and divided by the number of
+    non-zero parts (PML's DivisorReducer); never forms the triplets (O(B M) per call, not B x P x N).
+    beta: a number, a one-element tensor or a (num_classes,) tensor indexed by the anchors'
+    labels; a tensor that requires grad is learned (its gradient flows). nu: weight of PML's beta
+    regularizer (nu * beta; with class-specific beta, nu * beta_a per triplet divided like the
+    loss); "none" returns the anchors' triplet sums without it."""
+    margin = _validate.number("margin", margin)
+    nu = _validate.number("nu", nu)
+    _validate.tensor("labels", labels, ndim=1, integer=True)
+    compute = torch.float32 if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings.dtype
+    beta_rows, single = _margin_beta(beta, labels, compute, embeddings.device)
+    stats, loss = _stats("margin", (margin,), _ref.margin_based_loss, embeddings, labels, ref_embeddings, ref_labels,
+                         reduction, backend, ref_self_index, row_params=beta_rows,
+                         reference_kw=dict(beta=beta if single else beta_rows, nu=nu))
+    if stats is None:
+        return loss
+    out = _ops.reduce(stats, _ops.LOSSES["margin"], reduction)
+    if reduction != "none":
+        det = stats.detach()
+        triplets = det[:, PairStat.NUM_POS] * det[:, PairStat.NUM_NEG]
+        out = out + _ref.margin_beta_regularizer(beta_rows.to(out.dtype), nu, triplets, det[:, PairStat.COUNT0].sum(),
+                                                 single, reduction)
+    return out.to(embeddings.dtype)
+
+
+def npairs_loss(embeddings: Tensor, labels: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """N-pair loss (Sohn, NeurIPS 2016), as PML's NPairsLoss (default distance: cosine
+    similarity): for each label with two or more samples (in increasing label order) its first
+    sample is an anchor and its second the positive; cross-entropy of the K x K anchor-positive
+    similarities with the diagonal as targets, "mean" over the K pairs. PML finds the pairs
+    among all B x B pairs; here a sort finds them and the K x K similarities run on the fused
+    linear kernels of the softmax family (never materialized). "none": (B,), each anchor's loss
+    (0 for the other rows). The number of pairs depends on the labels: on CUDA it is read back
+    to the host once (as PML does). backend: "auto" | "reference" | "cpu" | "triton"."""
+    check_inputs(embeddings, labels, None, None)
+    _validate.reduction(reduction)
+    from ..softmax import _ops as _softmax_ops
+    from ..softmax.encouraging import run_linear
+
+    chosen = _registry.resolve(_softmax_ops.LINEAR_OP, backend, embeddings.device)
+    if chosen == "reference":
+        return _ref.npairs_loss(embeddings, labels, reduction=reduction)
+    compute = torch.float32 if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings.dtype
+    a, p = _ref.npairs_pairs(labels)
+    K = a.shape[0]
+    if K == 0:
+        zero = embeddings.sum() * 0
+        return zero.expand(embeddings.shape[0]).clone() if reduction == "none" else zero
+    x = F.normalize(embeddings.to(compute), p=2, dim=1, eps=1e-12)
+    params = _softmax_ops.make_params(0.75, 0.0, 0.0, 1e-5)
+    target = torch.arange(K, device=labels.device)
+    out = run_linear(chosen, x[a], x[p], None, target, None, -100, _softmax_ops.TRANSFORMS["identity"], params,
+                     reduction)
+    if reduction == "none":
+        out = out.new_zeros(embeddings.shape[0]).index_put((a,), out)
+    return out.to(embeddings.dtype)
+
+
 for _fn in (circle_loss, unified_loss, multi_similarity_loss, supcon_loss, ntxent_loss, contrastive_loss,
-            triplet_margin_loss):
+            triplet_margin_loss, generalized_lifted_structure_loss,
+            tuplet_margin_loss, fastap_loss, margin_based_loss):
     _fn.__doc__ += _COMMON_DOC
 
 
@@ -537,16 +722,25 @@ class PairwiseLoss(LossModule):
     embedding_regularizer= and embedding_reg_weight= (added to its _options here)."""
 
     _pml_defaults = dict(distance=None, reducer=None, embedding_regularizer=None, embedding_reg_weight=1.0)
+    # False: the loss computes every pair itself and takes none of PML's keywords (distance=,
+    # reducer=, indices_tuple; the losses added after the PML keywords path).
+    _pml_keywords = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        if cls._options and not set(PML_OPTIONS) <= set(cls._options):
+        if cls._pml_keywords and cls._options and not set(PML_OPTIONS) <= set(cls._options):
             cls._options = tuple(cls._options) + PML_OPTIONS
 
     def __init__(self, **options):
-        super().__init__(**{**self._pml_defaults, **options})
+        super().__init__(**({**self._pml_defaults, **options} if self._pml_keywords else options))
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, ref_self_index=None):
+        if not self._pml_keywords:
+            if indices_tuple is not None:
+                raise NotImplementedError(f"{type(self).__name__} computes every pair itself; indices_tuple (a "
+                                          f"miner's tuple) is not supported for it yet")
+            return type(self)._function(embeddings, labels, ref_embeddings=ref_emb, ref_labels=ref_labels,
+                                        ref_self_index=ref_self_index, **self.options())
         return type(self)._function(embeddings, labels, ref_embeddings=ref_emb, ref_labels=ref_labels,
                                     ref_self_index=ref_self_index, indices_tuple=indices_tuple, **self.options())
 
@@ -652,3 +846,108 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(_ELSEWHERE[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class GeneralizedLiftedStructureLoss(PairwiseLoss):
+    _pml_keywords = False
+    _function = generalized_lifted_structure_loss
+    _options = ("neg_margin", "pos_margin", "reduction", "backend")
+
+    def __init__(self, neg_margin: float = 1.0, pos_margin: float = 0.0, reduction: str = "mean",
+                 backend: str = "auto"):
+        super().__init__(neg_margin=neg_margin, pos_margin=pos_margin, reduction=reduction, backend=backend)
+
+    def spec(self):
+        return "generalized_lifted_structure", _gen_lifted_params(self.pos_margin, self.neg_margin)
+
+
+class TupletMarginLoss(PairwiseLoss):
+    """PML's TupletMarginLoss; margin in radians (PML: degrees), default PML's 5.73 degrees."""
+
+    _pml_keywords = False
+    _function = tuplet_margin_loss
+    _options = ("margin", "scale", "reduction", "backend")
+
+    def __init__(self, margin: float = TUPLET_DEFAULT_MARGIN, scale: float = 64.0, reduction: str = "mean",
+                 backend: str = "auto"):
+        _tuplet_params(margin, scale)
+        super().__init__(margin=margin, scale=scale, reduction=reduction, backend=backend)
+
+    def spec(self):
+        return "tuplet_margin", _tuplet_params(self.margin, self.scale)
+
+
+class FastAPLoss(PairwiseLoss):
+    _pml_keywords = False
+    _function = fastap_loss
+    _options = ("num_bins", "reduction", "backend")
+
+    def __init__(self, num_bins: int = 10, reduction: str = "mean", backend: str = "auto"):
+        _fastap_params(num_bins)
+        super().__init__(num_bins=num_bins, reduction=reduction, backend=backend)
+
+    def spec(self):
+        return "fastap", _fastap_params(self.num_bins)
+
+
+class MarginLoss(PairwiseLoss):
+    """PML's MarginLoss (triplets_per_anchor="all"). beta is a tensor (1,) or, with num_classes,
+    (num_classes,): an nn.Parameter when learn_beta (then nu weights PML's beta regularizer),
+    else a buffer that is not saved in the state_dict (as PML, where it is a plain attribute)."""
+
+    _pml_keywords = False
+    _function = margin_based_loss
+    _options = ("margin", "nu", "reduction", "backend")
+
+    def __init__(self, margin: float = 0.2, nu: float = 0.0, beta: float = 1.2, triplets_per_anchor="all",
+                 learn_beta: bool = False, num_classes: int | None = None, reduction: str = "mean",
+                 backend: str = "auto"):
+        if triplets_per_anchor != "all":
+            raise ValueError(f"triplets_per_anchor must be 'all' (every triplet, PML's default); random triplet "
+                             f"sampling is not supported, got {triplets_per_anchor!r}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be None or a positive int, got {num_classes!r}")
+        super().__init__(margin=margin, nu=nu, reduction=reduction, backend=backend)
+        self.triplets_per_anchor = triplets_per_anchor
+        self.learn_beta = bool(learn_beta)
+        self.num_classes = num_classes
+        b = torch.tensor([_validate.number("beta", beta)])
+        if num_classes:
+            b = torch.ones(num_classes) * b
+        if self.learn_beta:
+            self.beta = nn.Parameter(b)
+        else:
+            self.register_buffer("beta", b, persistent=False)
+
+    def options(self) -> dict:
+        opts = super().options()
+        opts["beta"] = self.beta
+        if not self.learn_beta:
+            opts["nu"] = 0.0  # PML adds the regularizer only for a learned beta
+        return opts
+
+    def spec(self):
+        raise NotImplementedError("MarginLoss has a beta per anchor; it runs on pairwise_loss_rowparam, which "
+                                  "DistributedPairwiseLoss does not take")
+
+
+class NPairsLoss(PairwiseLoss):
+    """PML's NPairsLoss (cosine similarity); takes no references (as PML)."""
+
+    _pml_keywords = False
+    _function = npairs_loss
+    _options = ("reduction", "backend")
+
+    def __init__(self, reduction: str = "mean", backend: str = "auto"):
+        super().__init__(reduction=reduction, backend=backend)
+
+    def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, ref_self_index=None):
+        if ref_emb is not None or ref_labels is not None or ref_self_index is not None:
+            raise ValueError("NPairsLoss takes no ref_emb / ref_labels (as pytorch-metric-learning's)")
+        if indices_tuple is not None:
+            raise NotImplementedError("NPairsLoss builds its own pairs; miners (indices_tuple) are not supported")
+        return npairs_loss(embeddings, labels, **self.options())
+
+    def spec(self):
+        raise NotImplementedError("NPairsLoss runs on the fused linear softmax kernels, not the pairwise engine")

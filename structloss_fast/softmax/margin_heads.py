@@ -40,23 +40,30 @@ ARCFACE_DEFAULT_MARGIN = math.radians(28.6)  # PML's default, 0.4992 rad
 
 
 def _margin_loss(kind, embeddings, proxies, labels, t0, t1, *, weight, log_end, bonus_weight, ignore_index, reduction,
-                 label_smoothing, eps, fused, backend):
+                 label_smoothing, eps, fused, backend, pool=None):
+    """pool: None, or (pool name of _ops.POOLS, centers per class K, its parameter) for heads whose
+    proxies hold K centers per class (rows c K .. c K + K - 1)."""
     log_end, bonus_weight, label_smoothing, eps, ignore_index = check_el_options(
         log_end, bonus_weight, label_smoothing, eps, ignore_index, reduction)
     _validate.tensor("embeddings", embeddings, ndim=2, floating=True)
     _validate.tensor("proxies", proxies, ndim=2, floating=True)
     _validate.tensor("labels", labels, ndim=1, integer=True)
     _validate.length("labels", labels, embeddings.shape[0], "embeddings")
+    group = 1 if pool is None else pool[1]
     if proxies.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"proxies must be (num_classes, D) with D={embeddings.shape[1]} (the embedding size), "
+        layout = "num_classes" if group == 1 else f"num_classes * {group}"
+        raise ValueError(f"proxies must be ({layout}, D) with D={embeddings.shape[1]} (the embedding size), "
                          f"got shape {tuple(proxies.shape)}")
     if proxies.shape[0] == 0:
         raise ValueError("proxies must have at least one class (row)")
-    C = proxies.shape[0]
+    if proxies.shape[0] % group:
+        raise ValueError(f"proxies must have {group} rows (centers) per class, got {proxies.shape[0]} rows")
+    C = proxies.shape[0] // group
     weight = check_class_weight("weight", weight, C)
     _validate.same_device(embeddings=embeddings, proxies=proxies, labels=labels, weight=weight)
     check_target_range(labels, C, ignore_index, name="labels")
-    chosen = _registry.resolve(_ops.LINEAR_OP if fused else _ops.OP, backend, embeddings.device)
+    op_name = (_ops.LINEAR_OP if pool is None else _ops.POOLED_OP) if fused else _ops.OP
+    chosen = _registry.resolve(op_name, backend, embeddings.device)
     # Embeddings and proxies may differ in dtype (bfloat16 activations, float32 proxies): both are
     # taken in the promoted dtype (the products under autocast in the autocast dtype).
     dtype = _oplib.loss_dtype(embeddings, proxies)
@@ -67,15 +74,28 @@ def _margin_loss(kind, embeddings, proxies, labels, t0, t1, *, weight, log_end, 
         with _oplib.autocast_off(embeddings.device):
             return _ref.margin_loss(kind, embeddings, proxies, labels, t0, t1, log_end=log_end,
                                     bonus_weight=bonus_weight, weight=weight, ignore_index=ignore_index,
-                                    reduction=reduction, label_smoothing=label_smoothing, eps=eps).to(dtype)
+                                    reduction=reduction, label_smoothing=label_smoothing, eps=eps,
+                                    pool=pool).to(dtype)
     params = _ops.make_params(log_end, bonus_weight, label_smoothing, eps, t0, t1)
     transform = _ops.TRANSFORMS[kind]
     labels64 = labels.to(torch.int64)
     x = F.normalize(embeddings, p=2, dim=1, eps=1e-12)
     w = F.normalize(proxies, p=2, dim=1, eps=1e-12)
+    if fused and pool is not None:
+        mask = [False, False]
+        if reduction != "none" and torch.is_grad_enabled():
+            mask = [x.requires_grad, w.requires_grad]
+        # The op takes the centers group-major (center k of class c in row k C + c): its passes
+        # over a row's classes are then contiguous.
+        w = w.view(C, group, w.shape[1]).transpose(0, 1).reshape(group * C, w.shape[1])
+        stats = _ops.run_pooled(chosen, x, w, labels64, weight, ignore_index, transform, params, _ops.POOLS[pool[0]],
+                                group, pool[2], mask)
+        return _ops.reduce(stats, labels64, weight, ignore_index, C, reduction).to(dtype)
     if fused:
         return run_linear(chosen, x, w, None, labels64, weight, ignore_index, transform, params, reduction)
     cos = x @ w.T
+    if pool is not None:
+        cos = _ref.pool_cosines(cos, *pool)
     compute_grad = torch.is_grad_enabled() and cos.requires_grad
     stats = _ops.run(chosen, cos, labels64, weight, ignore_index, transform, params, compute_grad)
     return _ops.reduce(stats, labels64, weight, ignore_index, C, reduction).to(dtype)
