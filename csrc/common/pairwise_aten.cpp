@@ -44,6 +44,14 @@ Tensor counts_nonzero(const Tensor& v) { return v.le(0).logical_not().to(v.scala
 // d/dx relu(x) (0 at 0), NaN kept.
 Tensor relu_grad(const Tensor& x) { return at::where(x.gt(0), at::ones_like(x), at::where(x.isnan(), x, at::zeros_like(x))); }
 
+// The distance of unit rows from their similarity, sqrt(2 - 2 s), and its derivative (0 at 0):
+// the losses ported from PML (generalized lifted structure, MarginLoss) read it.
+Tensor unit_distance(const Tensor& s) { return (2 - 2 * s).clamp_min(0).sqrt(); }
+
+Tensor unit_distance_grad(const Tensor& d) {
+  return at::where(d.gt(0), -d.reciprocal(), at::where(d.isnan(), d, at::zeros_like(d)));
+}
+
 // The distance losses' d: the strip itself when it holds distances (spec.direct()), else
 // ||x_i - r_j|| from g and the rows' squared norms; and dd/d(strip value).
 Tensor distance(const Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec) {

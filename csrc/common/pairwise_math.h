@@ -88,6 +88,19 @@ SLF_HD T pair_distance_grad(T d) {
   return d > T(0) ? T(-1) / d : (d != d ? d : T(0));
 }
 
+// The Euclidean distance of unit vectors from their cosine similarity, sqrt(2 - 2s), and its
+// derivative (0 at distance 0, as torch.cdist's): the losses ported from PML read it.
+template <typename T>
+SLF_HD T unit_distance(T s) {
+  T sq = T(2) - T(2) * s;
+  sq = sq < T(0) ? T(0) : sq;
+  return sqrt_(sq);
+}
+template <typename T>
+SLF_HD T unit_distance_grad(T d) {
+  return d > T(0) ? T(-1) / d : (d != d ? d : T(0));
+}
+
 // A fused miner's keep rules for one anchor's pairs: positive (negative) pair j is kept when
 // !(sp * v_j + op >= tp) (resp. sn, on, tn), v the value the epilogue reads. Written negated
 // so that a NaN pair is kept (a non-finite input gives a non-finite loss) and so that the
