@@ -358,11 +358,11 @@ LINEAR_SOFTMAX_OP = _oplib.LossOp(
 
 POOLED_SOFTMAX_OP = _oplib.LossOp(
     POOLED_OP, fake=_fake_pooled_forward, backward_fake=_fake_pooled_backward, setup_context=_setup_pooled_context,
-    backward=_pooled_backward, what="the pooled fused linear row-softmax losses (SubCenterArcFace, SoftTriple)",
+    backward=_pooled_backward, what="subcenter_arcface_loss / soft_triple_loss (the pooled fused linear op)",
 )
 PROXY_ANCHOR_LOSS_OP = _oplib.LossOp(
     PROXY_ANCHOR_OP, fake=_fake_proxy_anchor, backward_fake=_fake_proxy_anchor_backward,
-    setup_context=_setup_proxy_anchor_context, backward=_proxy_anchor_backward, what="ProxyAnchor",
+    setup_context=_setup_proxy_anchor_context, backward=_proxy_anchor_backward, what="proxy_anchor_loss",
 )
 
 for _op in (OP, LINEAR_OP):

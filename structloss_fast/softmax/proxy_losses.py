@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _registry, _validate
+from .. import _oplib, _registry, _validate
 from .._ids import ProxyAnchorStat
 from .._module import LossModule
 from . import _ops
@@ -70,7 +70,10 @@ def proxy_nca_loss(embeddings: Tensor, proxies: Tensor, labels: Tensor, *, softm
     _validate.tensor("embeddings", embeddings, ndim=2, floating=True)
     if _registry.resolve(_ops.LINEAR_OP if fused else _ops.OP, backend, embeddings.device) == "reference":
         _margin_loss_checks(embeddings, proxies, labels)
-        return _ref.proxy_nca_loss(embeddings, proxies, labels, softmax_scale, reduction)
+        dtype = _oplib.loss_dtype(embeddings, proxies)
+        emb, prox = _oplib.loss_inputs(embeddings, proxies)  # (float32 under autocast)
+        with _oplib.autocast_off(embeddings.device):
+            return _ref.proxy_nca_loss(emb, prox, labels, softmax_scale, reduction).to(dtype)
     head = dict(fused=fused, backend=backend)
     C = max(proxies.shape[0], 1)
     # The largest row loss is below the largest logit gap 4 softmax_scale plus log C.
@@ -150,8 +153,11 @@ def proxy_anchor_loss(embeddings: Tensor, proxies: Tensor, labels: Tensor, *, ma
     if proxies.dtype != embeddings.dtype:
         raise TypeError(f"proxies must have the embeddings' dtype {embeddings.dtype}, got {proxies.dtype}")
     chosen = _registry.resolve(_ops.PROXY_ANCHOR_OP, backend, embeddings.device)
+    dtype = _oplib.loss_dtype(embeddings, proxies)  # float32 under autocast, as F.cross_entropy
     if chosen == "reference":
-        return _ref.proxy_anchor_loss(embeddings, proxies, labels, margin, alpha, reduction)
+        emb, prox = _oplib.loss_inputs(embeddings, proxies)
+        with _oplib.autocast_off(embeddings.device):
+            return _ref.proxy_anchor_loss(emb, prox, labels, margin, alpha, reduction).to(dtype)
     compute = torch.float32 if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings.dtype
     x = F.normalize(embeddings.to(compute), p=2, dim=1, eps=1e-12)
     p = F.normalize(proxies.to(compute), p=2, dim=1, eps=1e-12)
@@ -164,7 +170,7 @@ def proxy_anchor_loss(embeddings: Tensor, proxies: Tensor, labels: Tensor, *, ma
     else:
         n_with = (stats[:, ProxyAnchorStat.NUM_POS].detach() > 0).sum().to(pos.dtype)
         out = pos.sum() / n_with.clamp_min(1) + neg.sum() / proxies.shape[0]
-    return out.to(embeddings.dtype)
+    return out.to(dtype)
 
 
 # ---------------------------------------------------------------- Modules

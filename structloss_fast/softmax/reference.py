@@ -184,7 +184,7 @@ def proxy_anchor_terms(embeddings, proxies, labels, margin=0.1, alpha=32.0):
     pos = F.one_hot(labels, proxies.shape[0]).bool()
 
     def lse1(a, mask):  # log(1 + sum over the mask of e^a); 0 for an empty mask (PML's logsumexp)
-        a = torch.cat([a.masked_fill(~mask, float("-inf")), torch.zeros_like(a[:1])], dim=0)
+        a = torch.cat([a.masked_fill(~mask, float("-inf")), a.new_zeros(1, a.shape[1])], dim=0)  # (also for 0 rows)
         return torch.where(mask.any(dim=0), torch.logsumexp(a, dim=0), torch.zeros_like(a[0]))
 
     return lse1(-alpha * (cos - margin), pos), lse1(alpha * (cos + margin), ~pos), pos.any(dim=0).sum()
