@@ -133,7 +133,7 @@ LOSS_OP = _oplib.LossOp(
 )
 ROWPARAM_LOSS_OP = _oplib.LossOp(
     ROWPARAM_OP, fake=_fake_forward_rowparam, backward_fake=_fake_backward_rowparam, setup_context=_setup_context,
-    backward=_backward, what="the pairwise losses with per-anchor parameters",
+    backward=_backward, what="margin_based_loss (the pairwise op with per-anchor parameters)",
 )
 
 
