@@ -169,7 +169,11 @@ _registry.declare(_registry.OpSpec(
                    "reducer that needs every pair's loss (DoNothingReducer, a ThresholdReducer other than "
                    "AvgNonZero on pair losses): then the pair-list reference (pairwise/tuples.py)"},
 ))
-_registry.declare(_registry.OpSpec(ROWPARAM_OP, family="pairwise", kernels=("cpu",)))
+_registry.declare(_registry.OpSpec(
+    ROWPARAM_OP, family="pairwise", kernels=("cpu",), check_supported=lambda backend, *, listed=None, **_: listed,
+    limits={"cpu": "a distance other than the loss's default or a reducer that needs every triplet's loss: then "
+                   "the pair-list reference (pairwise/tuples.py)"},
+))
 
 
 def op_name(loss: int) -> str:
@@ -179,7 +183,7 @@ def op_name(loss: int) -> str:
 def resolve(backend: str, x: Tensor, loss: int, ref=None, extended: bool = False, miner: bool = False,
             listed: str | None = None) -> str:
     if op_name(loss) != OP:  # the per-anchor-parameter op: CPU kernel and reference only
-        return _registry.resolve(op_name(loss), backend, x.device, x=x, loss=loss)
+        return _registry.resolve(op_name(loss), backend, x.device, x=x, loss=loss, listed=listed)
     return _registry.resolve(OP, backend, x.device, x=x, loss=loss,
                              num_refs=x.shape[0] if ref is None else ref.shape[0],
                              extended=extended, miner=miner, listed=listed)

@@ -113,7 +113,9 @@ def loss_terms(loss_name, params, embeddings, labels, ref_embeddings=None, ref_l
 
 # pytorch-metric-learning's keywords, which every pairwise loss (function and Module) takes.
 PML_OPTIONS = ("distance", "reducer", "embedding_regularizer", "embedding_reg_weight")
-_DEFAULT_DISTANCES = {"cosine": _distances.CosineSimilarity, "lp": _distances.LpDistance}
+_DEFAULT_DISTANCES = {"cosine": _distances.CosineSimilarity, "dot": _distances.DotProductSimilarity,
+                      "lp": _distances.LpDistance, "lp2": lambda: _distances.LpDistance(power=2)}
+_DEFAULT_SPECS = {k: make().spec() for k, make in _DEFAULT_DISTANCES.items()}
 
 
 def _distance(sem: _semantics.Semantics, loss_name: str, distance) -> _distances.BaseDistance:
@@ -123,6 +125,10 @@ def _distance(sem: _semantics.Semantics, loss_name: str, distance) -> _distances
     if sem.only_distances and type(dist).__name__ not in sem.only_distances:
         raise ValueError(f"the {loss_name} loss takes distance={' or '.join(sem.only_distances)} only (as "
                          f"pytorch-metric-learning asserts), got {type(dist).__name__}")
+    for attr, value in sem.requires:
+        if getattr(dist, attr) != value:
+            raise ValueError(f"the {loss_name} loss takes a distance with {attr}={value!r} only (as "
+                             f"pytorch-metric-learning asserts), got {dist!r}")
     return dist
 
 
@@ -130,7 +136,10 @@ def _engine_params(sem, params, dist: _distances.DistanceSpec, miner=None):
     """The op's params for this distance (and fused miner), and whether the rows are normalized.
     The losses are written in their own orientation (similarity or distance); a distance of the
     other one enters negated with the loss's threshold parameters negated (sem.flips), which is
-    what PML's distance.margin() amounts to."""
+    what PML's distance.margin() amounts to. The losses without the PairExtParam block (sem.ext)
+    reach the engine with their default distance only."""
+    if not sem.ext:
+        return [float(v) for v in params], False
     if sem.similarity:
         value = PairValue.GEMM if dist.inverted else PairValue.NEG_DIST_POW
     elif dist.inverted:
@@ -160,8 +169,10 @@ def _fast_reduction(red, sem, reduction):
         return reduction
     if type(red) is _reducers.SumReducer:
         return "sum"
-    default = (type(red) is _reducers.MeanReducer) if sem.default_reducer == "mean" else (
-        isinstance(red, _reducers.ThresholdReducer) and red.low == 0 and red.high is None)
+    if sem.default_reducer == "avg_non_zero":
+        default = isinstance(red, _reducers.ThresholdReducer) and red.low == 0 and red.high is None
+    else:
+        default = type(red) is _reducers.DEFAULTS[sem.default_reducer]
     return "mean" if default else None
 
 
@@ -169,11 +180,14 @@ def _needs_elements(red, sem) -> str | None:
     """Why this reducer cannot reduce the engine's per-anchor sums (None: it can)."""
     if red is None:
         return None
-    reds = [_reducers.for_sub_loss(red, sub[0]) for sub in sem.sub_losses]
-    for r, sub in zip(reds, sem.sub_losses):
+    for name, kind, term, count, nonzero in sem.sub_losses:
+        r = _reducers.for_sub_loss(red, name)
         if isinstance(r, _reducers.DoNothingReducer):
             return "DoNothingReducer returns every element's loss"
-        if sub[1] != "element" and isinstance(r, _reducers.ThresholdReducer) and not (r.low == 0 and r.high is None):
+        if term is None or (kind != "element" and count is None):
+            return f"a {type(r).__name__} on {name} needs every element's loss (the engine has no per-anchor form)"
+        if kind != "element" and isinstance(r, _reducers.ThresholdReducer) and not (
+                r.low == 0 and r.high is None and nonzero is not None):
             return f"a {type(r).__name__}({r.low}, {r.high}) on pair losses needs every pair's loss"
     return None
 
@@ -183,11 +197,16 @@ def _reduce(subs: dict, red, sem, reduction, embeddings, labels, B):
     reducer, then added; reduction= modes stand for the loss's default reducer ("mean"), a sum, or
     per-anchor sums ("none")."""
     if isinstance(red, _reducers.DoNothingReducer):
-        return {name: {"losses": e.losses, "indices": e.indices, "reduction_type": e.reduction_type}
+        return {name: {"losses": e.losses, "indices": e.indices, "reduction_type": e.reduction_type,
+                       **({} if getattr(e, "divisor", None) is None else {"divisor": e.divisor})}
                 for name, e in subs.items()}
     if red is None and reduction == "none":
+        # Per anchor, the sum of its engine terms (MarginLoss's beta regularizer is none of them).
+        terms = {sub[0] for sub in sem.sub_losses if sub[2] is not None}
         total = embeddings.new_zeros(B, dtype=_compute_dtype(embeddings))
-        for e in subs.values():
+        for name, e in subs.items():
+            if name not in terms:
+                continue
             if isinstance(e, _reducers.Summary):
                 total = total + e.sums
             else:
@@ -204,6 +223,8 @@ def _reduce(subs: dict, red, sem, reduction, embeddings, labels, B):
             assert out is not None, "_needs_elements lets only summary reducers through"
         else:
             out = r.reduce_elements(e, embeddings, labels)
+            if torch.is_tensor(out) and out.dim() > 0:  # an already reduced (1,) (PML: MultipleReducers' entry)
+                out = out.reshape(())
         total = total + out
     return total
 
@@ -228,14 +249,25 @@ def _finish(loss, embeddings, regularizer, reg_weight, red):
 
 
 def _listed(loss_name, params, sem, embeddings, labels, ref_embeddings, ref_labels, t, dist, red, reduction,
-            ref_self_index, given, options):
-    """The loss on listed pairs (tuples.py): the given indices_tuple, or all pairs."""
+            ref_self_index, given, options, aux=None):
+    """The loss on listed pairs (tuples.py): the given indices_tuple, or all pairs. aux: the
+    loss's inputs besides the tuple (tuples.element_losses)."""
+    dtype = _compute_dtype(embeddings)
+    B = embeddings.shape[0]
+    M = B if ref_embeddings is None else ref_embeddings.shape[0]
+    aux = dict(aux or {})
+    if sem.tuples == "weights":  # FastAP: every pair, the tuple weights the anchors
+        if given and ref_embeddings is not None:
+            raise ValueError(f"{loss_name}: an indices_tuple weights the batch rows it lists, so it takes no "
+                             f"references (pytorch-metric-learning's {sem.pml_class} takes none at all)")
+        aux["weights"] = _tuples.anchor_weights(t if given else None, B, dtype, embeddings.device)
+        t = None
+    if sem.tuples == "unique_pos":
+        aux["labels"] = labels
     if t is None:
-        M = embeddings.shape[0] if ref_embeddings is None else ref_embeddings.shape[0]
         t = _tuples.all_pairs(labels, ref_labels if ref_embeddings is not None else None, ref_self_index, M)
         if sem.tuples == "triplets":
             t = _tuples.to_triplets(t)
-    dtype = _compute_dtype(embeddings)
 
     def rows(e):
         e = e.to(dtype)
@@ -243,10 +275,9 @@ def _listed(loss_name, params, sem, embeddings, labels, ref_embeddings, ref_labe
 
     x = rows(embeddings)
     ref = x if ref_embeddings is None else rows(ref_embeddings)
-    B = embeddings.shape[0]
     subs = None
     if not (given and _tuples.pml_zero_rule(t, loss_name)):
-        subs = _tuples.element_losses(loss_name, params, x, ref, t, dist, **options)
+        subs = _tuples.element_losses(loss_name, params, x, ref, t, dist, aux=aux, **options)
     if subs is None:  # PML's zero loss
         zero = _reducers.zero_loss(embeddings)
         if isinstance(red, _reducers.DoNothingReducer):
@@ -254,25 +285,41 @@ def _listed(loss_name, params, sem, embeddings, labels, ref_embeddings, ref_labe
                     for name, *_ in sem.sub_losses}
         return zero.expand(B) if (red is None and reduction == "none") else zero
     out = _reduce(subs, red, sem, reduction, embeddings, labels, B)
-    if given and not isinstance(out, dict):
+    if not isinstance(out, dict):
         out = out + _nan_carrier(embeddings, ref_embeddings)
     return out
 
 
-def _run(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, ref_labels, reduction, backend,
-         ref_self_index=None, *, indices_tuple=None, distance=None, reducer=None, embedding_regularizer=None,
-         embedding_reg_weight=1.0, options=None):
-    """Every pairwise loss's one code path: PML's keywords, the fused engine, its fused miners and
-    the pair-list path. `options`: the loss's PML options that only the pair lists compute
-    (TripletMarginLoss's swap, smooth_loss), None or all false for the engine."""
+def _keywords(loss_name, distance, reducer, embedding_regularizer, embedding_reg_weight, reduction):
+    """PML's keywords checked: (semantics, distance, its spec, reducer or None)."""
     sem = _semantics.SEMANTICS[loss_name]
     dist = _distance(sem, loss_name, distance)
-    spec = dist.spec()
     red = _reducers.as_reducer(reducer)
     _regularizers.check(embedding_regularizer, embedding_reg_weight)
     _validate.reduction(reduction)
     if red is not None and reduction != "mean":
         raise ValueError(f"reducer= replaces reduction= (got reduction={reduction!r}); pass one of them")
+    return sem, dist, dist.spec(), red
+
+
+def _default_only(sem, loss_name, dist, spec) -> str | None:
+    """Why the engine cannot compute this distance for a loss whose kernels know its default only."""
+    if sem.ext or spec == _DEFAULT_SPECS[sem.default_distance]:
+        return None
+    return f"the {loss_name} kernels compute its default distance only, not {dist!r}"
+
+
+def _run(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, ref_labels, reduction, backend,
+         ref_self_index=None, *, indices_tuple=None, distance=None, reducer=None, embedding_regularizer=None,
+         embedding_reg_weight=1.0, options=None, aux=None, row_params=None, add_fast=None):
+    """Every pairwise loss's one code path: PML's keywords, the fused engine, its fused miners and
+    the pair-list path. `options`: the loss's PML options that only the pair lists compute
+    (TripletMarginLoss's swap, smooth_loss), None or all false for the engine. `aux`: what the pair
+    lists need besides the tuple (tuples.element_losses); `row_params` (B,): the op's per-anchor
+    parameters; `add_fast(row_stats, reduction)`: a term added to the engine's "mean" or "sum"
+    (MarginLoss's beta: its regularizer)."""
+    sem, dist, spec, red = _keywords(loss_name, distance, reducer, embedding_regularizer, embedding_reg_weight,
+                                     reduction)
     if labels is None and indices_tuple is None:
         raise ValueError("labels and indices_tuple cannot both be None (as in pytorch-metric-learning); for two "
                          "augmented views of a batch use SelfSupervisedLoss(loss)(view1, view2)")
@@ -283,7 +330,7 @@ def _run(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, re
 
     def listed(t, given):
         out = _listed(loss_name, params, sem, embeddings, labels, ref_embeddings, ref_labels, t, spec, red,
-                      reduction, ref_self_index, given, options)
+                      reduction, ref_self_index, given, options, aux)
         return _finish(out, embeddings, embedding_regularizer, embedding_reg_weight, red)
 
     engine_name, miner, mined = loss_name, None, None
@@ -304,13 +351,14 @@ def _run(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, re
     if labels is None:
         raise ValueError("labels are needed unless indices_tuple is given")
     loss_id = _ops.LOSSES[engine_name]
+    fast = _fast_reduction(red, sem, reduction)
     listed_why = None
     if not spec.engine:
         listed_why = f"the engine computes dot-product similarities and p = 2 distances, not {dist!r}"
     elif options:
         listed_why = f"{', '.join(options)} compare pairs across anchors"
     else:
-        listed_why = _needs_elements(red, sem)
+        listed_why = _default_only(sem, loss_name, dist, spec) or (None if fast else _needs_elements(red, sem))
     op_params, raw_norms = _engine_params(sem, params, spec, miner)
     extended = len(op_params) > len(params)
     chosen = _ops.resolve(backend, embeddings, loss_id, ref_embeddings, extended=extended, miner=miner is not None,
@@ -326,7 +374,6 @@ def _run(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, re
         return listed(None if mined is None else mined.value(), given=mined is not None)
     x, lab, ref, ref_lab, self_offset, ref_is_x = prepare(embeddings, labels, ref_embeddings, ref_labels,
                                                           ref_self_index, chosen, normalize=spec.normalize)
-    fast = _fast_reduction(red, sem, reduction)
     grad_mode = PairGradMode.NONE
     # The compiled kernels form the gradient in the forward pass (mean/sum weight every anchor of
     # a term alike): on CPU for every loss (contrastive's two terms split by sign), with CUDA for
@@ -337,19 +384,27 @@ def _run(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, re
             grad_mode = PairGradMode.X
         if ref_embeddings is not None and ref_embeddings.requires_grad:
             grad_mode = PairGradMode.X_REF
-    stats = _ops.run(chosen, x, lab, ref, ref_lab, self_offset, ref_is_x, loss_id, op_params, grad_mode)
+    if row_params is not None:
+        row_params = row_params.to(x.dtype)
+    stats = _ops.run(chosen, x, lab, ref, ref_lab, self_offset, ref_is_x, loss_id, op_params, grad_mode, row_params)
     if fast is not None:
         out = _ops.reduce(stats, loss_id, fast)
+        if add_fast is not None and fast != "none":
+            out = out + add_fast(stats.detach(), fast).to(out.dtype)
     else:
         terms = _ops.row_terms(stats, loss_id)
         st = stats.detach()
         subs = {}
         for name, kind, k, count, nonzero in _semantics.SEMANTICS[engine_name].sub_losses:
-            if kind == "element":
+            if kind == "element" and count is not None:  # the anchors that count (FastAP: with a positive)
+                rows = (_semantics.ENGINE_COUNTS[count](st) > 0).nonzero().flatten()
+                subs[name] = _reducers.Elements(terms[rows, k], rows, kind)
+            elif kind == "element":
                 subs[name] = _reducers.Elements(terms[:, k], torch.arange(B, device=x.device), kind)
             else:
                 subs[name] = _reducers.Summary(terms[:, k], _semantics.ENGINE_COUNTS[count](st),
-                                               _semantics.ENGINE_COUNTS[nonzero](st), kind)
+                                               None if nonzero is None else _semantics.ENGINE_COUNTS[nonzero](st),
+                                               kind)
         out = _reduce(subs, red, sem, reduction, embeddings, labels, B)
         if not isinstance(out, dict):
             out = out * _ops.gate(_ops.totals(stats, loss_id), loss_id, out.dtype)
@@ -386,47 +441,6 @@ def _ext_forced_aten() -> bool:
     import os
 
     return os.environ.get("STRUCTLOSS_FAST_PAIRWISE_EPILOGUE", "") == "aten"
-
-
-def _stats(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, ref_labels, reduction, backend,
-           ref_self_index=None, row_params=None, reference_kw=None):
-    """(row statistics, None) from a kernel, or (None, the loss) from the reference: the path of
-    the losses without PML's keywords (generalized lifted structure, tuplet margin, FastAP,
-    MarginLoss)."""
-    check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
-    if labels is None:
-        raise ValueError(f"{loss_name}: labels are needed")
-    _validate.reduction(reduction)
-    loss_id = _ops.LOSSES[loss_name]
-    chosen = _ops.resolve(backend, embeddings, loss_id, ref_embeddings)
-    if chosen == "reference":
-        emb, ref_emb = _oplib.loss_inputs(embeddings, ref_embeddings)  # (float32 under autocast)
-        with _oplib.autocast_off(embeddings.device):
-            loss = reference_fn(emb, labels, *params, ref_embeddings=ref_emb, ref_labels=ref_labels,
-                                reduction=reduction, ref_self_index=ref_self_index, **(reference_kw or {}))
-        return None, loss.to(_oplib.loss_dtype(embeddings))
-    x, lab, ref, ref_lab, self_offset, ref_is_x = prepare(embeddings, labels, ref_embeddings, ref_labels,
-                                                          ref_self_index, chosen)
-    grad_mode = PairGradMode.NONE
-    fused = chosen == "cpu" or (chosen == "cuda" and _ops.terms(loss_id) == 1)
-    if reduction != "none" and fused and torch.is_grad_enabled():
-        if embeddings.requires_grad:
-            grad_mode = PairGradMode.X
-        if ref_embeddings is not None and ref_embeddings.requires_grad:
-            grad_mode = PairGradMode.X_REF
-    if row_params is not None:
-        row_params = row_params.to(x.dtype)
-    return _ops.run(chosen, x, lab, ref, ref_lab, self_offset, ref_is_x, loss_id, params, grad_mode, row_params), None
-
-
-def _run_plain(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, ref_labels, reduction, backend,
-               ref_self_index=None):
-    stats, loss = _stats(loss_name, params, reference_fn, embeddings, labels, ref_embeddings, ref_labels, reduction,
-                         backend, ref_self_index)
-    if stats is None:
-        return loss
-    out = _ops.reduce(stats, _ops.LOSSES[loss_name], reduction).to(_oplib.loss_dtype(embeddings))
-    return _ref.nan_unless_finite(out, embeddings, ref_embeddings)
 
 
 _COMMON_DOC = """
@@ -589,45 +603,52 @@ def _fastap_params(num_bins):
     return (float(num_bins),)
 
 
-def generalized_lifted_structure_loss(embeddings: Tensor, labels: Tensor, *, neg_margin: float = 1.0,
+def generalized_lifted_structure_loss(embeddings: Tensor, labels: Tensor | None, *, neg_margin: float = 1.0,
                                       pos_margin: float = 0.0, ref_embeddings: Tensor | None = None,
                                       ref_labels: Tensor | None = None, reduction: str = "mean",
-                                      backend: str = "auto", ref_self_index: int | None = None) -> Tensor:
+                                      backend: str = "auto", ref_self_index: int | None = None, **pml) -> Tensor:
     """Generalized lifted structure loss (Hermans et al. 2017), as PML's
     GeneralizedLiftedStructureLoss: Euclidean distances of the normalized embeddings,
     relu(LSE_P (d - pos_margin) + LSE_N (neg_margin - d)) per anchor (an empty set's LSE is 0),
     "mean" over all anchors."""
-    return _run_plain("generalized_lifted_structure", _gen_lifted_params(pos_margin, neg_margin),
+    return _run("generalized_lifted_structure", _gen_lifted_params(pos_margin, neg_margin),
                 _ref.generalized_lifted_structure_loss, embeddings, labels, ref_embeddings, ref_labels, reduction,
-                backend, ref_self_index)
+                backend, ref_self_index, **_check_pml(pml))
 
 
-def tuplet_margin_loss(embeddings: Tensor, labels: Tensor, *, margin: float = TUPLET_DEFAULT_MARGIN,
+def tuplet_margin_loss(embeddings: Tensor, labels: Tensor | None, *, margin: float = TUPLET_DEFAULT_MARGIN,
                        scale: float = 64.0, ref_embeddings: Tensor | None = None, ref_labels: Tensor | None = None,
-                       reduction: str = "mean", backend: str = "auto", ref_self_index: int | None = None) -> Tensor:
+                       reduction: str = "mean", backend: str = "auto", ref_self_index: int | None = None,
+                       **pml) -> Tensor:
     """Tuplet margin loss (Yu and Tao, ICCV 2019), as PML's TupletMarginLoss: for each positive
     pair, log(1 + sum_N exp(scale (s_n - cos(theta_p - margin)))) with theta_p = acos(s_p),
     "mean" over all positive pairs; 0 when the batch has no positive or no negative pair.
     margin: radians in [0, pi/2] (PML takes degrees; the default is its 5.73 degrees)."""
-    return _run_plain("tuplet_margin", _tuplet_params(margin, scale), _ref.tuplet_margin_loss, embeddings, labels,
-                ref_embeddings, ref_labels, reduction, backend, ref_self_index)
+    return _run("tuplet_margin", _tuplet_params(margin, scale), _ref.tuplet_margin_loss, embeddings, labels,
+                ref_embeddings, ref_labels, reduction, backend, ref_self_index, **_check_pml(pml))
 
 
 def fastap_loss(embeddings: Tensor, labels: Tensor, *, num_bins: int = 10, ref_embeddings: Tensor | None = None,
                 ref_labels: Tensor | None = None, reduction: str = "mean", backend: str = "auto",
-                ref_self_index: int | None = None) -> Tensor:
+                ref_self_index: int | None = None, **pml) -> Tensor:
     """FastAP (Cakir et al., CVPR 2019), as PML's FastAPLoss: the squared Euclidean distances of
     the normalized embeddings in num_bins + 1 triangular histogram bins over [0, 4], per anchor
     1 - its histogram approximation of average precision, "mean" over the anchors that have a
-    positive. (PML takes no references; here they work as for every pairwise loss.)"""
-    return _run_plain("fastap", _fastap_params(num_bins), lambda e, y, nb, **kw: _ref.fastap_loss(e, y, int(nb), **kw),
-                embeddings, labels, ref_embeddings, ref_labels, reduction, backend, ref_self_index)
+    positive. An indices_tuple weights the anchors by their number of appearances in it (PML's
+    convert_to_weights); every pair is still used. distance: LpDistance(p=2) of normalized
+    embeddings, any power (the bins span [0, 2^power]). (PML takes no references; here they work
+    as for every pairwise loss, without an indices_tuple.)"""
+    if labels is None:
+        raise ValueError("fastap_loss: labels are needed, also with an indices_tuple (as PML's FastAPLoss)")
+    return _run("fastap", _fastap_params(num_bins), lambda e, y, nb, **kw: _ref.fastap_loss(e, y, int(nb), **kw),
+                embeddings, labels, ref_embeddings, ref_labels, reduction, backend, ref_self_index, **_check_pml(pml))
 
 
-def _margin_beta(beta, labels: Tensor, dtype, device):
+def _margin_beta(beta, labels: Tensor | None, dtype, device, B: int):
     """(beta per anchor (B,), whether beta is a single number). beta: a number, a one-element
     tensor, or a (num_classes,) tensor indexed by the labels (PML's class-specific beta)."""
-    B = labels.shape[0]
+    if labels is not None:
+        _validate.tensor("labels", labels, ndim=1, integer=True)
     if not torch.is_tensor(beta):
         value = _validate.number("beta", beta)
         return torch.full((B,), value, dtype=dtype, device=device), True
@@ -637,6 +658,8 @@ def _margin_beta(beta, labels: Tensor, dtype, device):
         return beta.reshape(1).to(dtype).expand(B), True
     if beta.dim() != 1:
         raise ValueError(f"beta must be a number, a one-element tensor or (num_classes,), got shape {tuple(beta.shape)}")
+    if labels is None:
+        raise ValueError("margin_based_loss: a class-specific beta needs the labels (also with an indices_tuple)")
     C = beta.shape[0]
     if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
         lo, hi = int(labels.min()), int(labels.max())
@@ -646,9 +669,9 @@ def _margin_beta(beta, labels: Tensor, dtype, device):
     return beta.to(dtype)[labels.clamp(0, C - 1)], False
 
 
-def margin_based_loss(embeddings: Tensor, labels: Tensor, *, margin: float = 0.2, beta=1.2, nu: float = 0.0,
-                ref_embeddings: Tensor | None = None, ref_labels: Tensor | None = None, reduction: str = "mean",
-                backend: str = "auto", ref_self_index: int | None = None) -> Tensor:
+def margin_based_loss(embeddings: Tensor, labels: Tensor | None, *, margin: float = 0.2, beta=1.2, nu: float = 0.0,
+                      ref_embeddings: Tensor | None = None, ref_labels: Tensor | None = None, reduction: str = "mean",
+                      backend: str = "auto", ref_self_index: int | None = None, **pml) -> Tensor:
     """Margin loss (Wu et al., ICCV 2017), as PML's MarginLoss with triplets_per_anchor="all":
     Euclidean distances of the normalized embeddings, over every triplet (a, p, n)
     relu(d_ap - beta + margin) + relu(beta - d_an + margin), summed and divided by the number of
@@ -656,57 +679,80 @@ def margin_based_loss(embeddings: Tensor, labels: Tensor, *, margin: float = 0.2
     beta: a number, a one-element tensor or a (num_classes,) tensor indexed by the anchors'
     labels; a tensor that requires grad is learned (its gradient flows). nu: weight of PML's beta
     regularizer (nu * beta; with class-specific beta, nu * beta_a per triplet divided like the
-    loss); "none" returns the anchors' triplet sums without it."""
+    loss); "none" returns the anchors' triplet sums without it. With an indices_tuple, another
+    distance or a reducer other than DivisorReducer / SumReducer, the triplets are listed (PML's
+    sub-losses margin_loss and beta_reg_loss, each reduced by the reducer)."""
     margin = _validate.number("margin", margin)
     nu = _validate.number("nu", nu)
-    _validate.tensor("labels", labels, ndim=1, integer=True)
-    compute = torch.float32 if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings.dtype
-    beta_rows, single = _margin_beta(beta, labels, compute, embeddings.device)
-    stats, loss = _stats("margin", (margin,), _ref.margin_based_loss, embeddings, labels, ref_embeddings, ref_labels,
-                         reduction, backend, ref_self_index, row_params=beta_rows,
-                         reference_kw=dict(beta=beta if single else beta_rows, nu=nu))
-    if stats is None:
-        return loss
-    out = _ops.reduce(stats, _ops.LOSSES["margin"], reduction)
-    if reduction != "none":
-        det = stats.detach()
-        triplets = det[:, PairStat.NUM_POS] * det[:, PairStat.NUM_NEG]
-        out = out + _ref.margin_beta_regularizer(beta_rows.to(out.dtype), nu, triplets, det[:, PairStat.COUNT0].sum(),
-                                                 single, reduction)
-    return out.to(embeddings.dtype)
+    compute = _compute_dtype(embeddings)
+    beta_rows, single = _margin_beta(beta, labels, compute, embeddings.device, embeddings.shape[0])
+    learned = nu != 0 or (torch.is_tensor(beta) and beta.requires_grad)
+
+    def reference(*args, **kw):
+        return _ref.margin_based_loss(*args, beta=beta if single else beta_rows, nu=nu, **kw)
+
+    def regularizer(stats, reduction):
+        triplets = stats[:, PairStat.NUM_POS] * stats[:, PairStat.NUM_NEG]
+        return _ref.margin_beta_regularizer(beta_rows.to(stats.dtype), nu, triplets, stats[:, PairStat.COUNT0].sum(),
+                                            single, reduction)
+
+    return _run("margin", (margin,), reference, embeddings, labels, ref_embeddings, ref_labels, reduction, backend,
+                ref_self_index, row_params=beta_rows, add_fast=regularizer,
+                aux=dict(beta_rows=beta_rows, nu=nu, learned=learned, single=single), **_check_pml(pml))
 
 
-def npairs_loss(embeddings: Tensor, labels: Tensor, *, reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """N-pair loss (Sohn, NeurIPS 2016), as PML's NPairsLoss (default distance: cosine
-    similarity): for each label with two or more samples (in increasing label order) its first
-    sample is an anchor and its second the positive; cross-entropy of the K x K anchor-positive
-    similarities with the diagonal as targets, "mean" over the K pairs. PML finds the pairs
-    among all B x B pairs; here a sort finds them and the K x K similarities run on the fused
-    linear kernels of the softmax family (never materialized). "none": (B,), each anchor's loss
-    (0 for the other rows). The number of pairs depends on the labels: on CUDA it is read back
-    to the host once (as PML does). backend: "auto" | "reference" | "cpu" | "triton"."""
+def npairs_loss(embeddings: Tensor, labels: Tensor, *, reduction: str = "mean", backend: str = "auto",
+                indices_tuple=None, distance=None, reducer=None, embedding_regularizer=None,
+                embedding_reg_weight: float = 1.0) -> Tensor:
+    """N-pair loss (Sohn, NeurIPS 2016), as PML's NPairsLoss (default distance:
+    DotProductSimilarity() of normalized embeddings, i.e. cosine similarity): for each label with
+    two or more samples (in increasing label order) its first sample is an anchor and its second
+    the positive; cross-entropy of the K x K anchor-positive similarities with the diagonal as
+    targets, "mean" over the K pairs. PML finds the pairs among all B x B pairs; here a sort finds
+    them and the K x K similarities run on the fused linear kernels of the softmax family (never
+    materialized). "none": (B,), each anchor's loss (0 for the other rows). The number of pairs
+    depends on the labels: on CUDA it is read back to the host once (as PML does).
+    backend: "auto" | "reference" | "cpu" | "triton". PML's keywords as every pairwise loss
+    (docs/pairwise.md): with an indices_tuple, the first positive pair of each anchor label in it;
+    another distance or a reducer that needs every pair's loss computes the K x K matrix in plain
+    PyTorch. No references (as PML)."""
+    sem, dist, spec, red = _keywords("npairs", distance, reducer, embedding_regularizer, embedding_reg_weight,
+                                     reduction)
+    if labels is None:
+        raise ValueError("npairs_loss: labels are needed, also with an indices_tuple (as PML's NPairsLoss)")
     check_inputs(embeddings, labels, None, None)
-    _validate.reduction(reduction)
+    fast = _fast_reduction(red, sem, reduction)
+    why = _default_only(sem, "npairs", dist, spec)
+    if why is None and fast is None:
+        why = f"a {type(red).__name__} needs every pair's loss"
+    if indices_tuple is not None or why is not None:  # the K x K matrix in plain PyTorch (tuples.py)
+        if indices_tuple is None and backend not in ("auto", "reference"):
+            raise _registry.BackendUnavailable(f"backend={backend!r} cannot run npairs_loss here: {why}")
+        B = embeddings.shape[0]
+        t = None if indices_tuple is None else _tuples.check_indices_tuple(indices_tuple, B, B, embeddings.device)
+        out = _listed("npairs", (), sem, embeddings, labels, None, None, t, spec, red, reduction, None,
+                      t is not None, {})
+        return _finish(out, embeddings, embedding_regularizer, embedding_reg_weight, red)
     from ..softmax import _ops as _softmax_ops
     from ..softmax.encouraging import run_linear
 
     chosen = _registry.resolve(_softmax_ops.LINEAR_OP, backend, embeddings.device)
     if chosen == "reference":
-        return _ref.npairs_loss(embeddings, labels, reduction=reduction)
-    compute = torch.float32 if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings.dtype
+        out = _ref.npairs_loss(embeddings, labels, reduction=fast)
+        return _finish(out, embeddings, embedding_regularizer, embedding_reg_weight, red)
     a, p = _ref.npairs_pairs(labels)
     K = a.shape[0]
     if K == 0:
         zero = embeddings.sum() * 0
-        return zero.expand(embeddings.shape[0]).clone() if reduction == "none" else zero
-    x = F.normalize(embeddings.to(compute), p=2, dim=1, eps=1e-12)
+        out = zero.expand(embeddings.shape[0]).clone() if fast == "none" else zero
+        return _finish(out, embeddings, embedding_regularizer, embedding_reg_weight, red)
+    x = F.normalize(embeddings.to(_compute_dtype(embeddings)), p=2, dim=1, eps=1e-12)
     params = _softmax_ops.make_params(0.75, 0.0, 0.0, 1e-5)
     target = torch.arange(K, device=labels.device)
-    out = run_linear(chosen, x[a], x[p], None, target, None, -100, _softmax_ops.TRANSFORMS["identity"], params,
-                     reduction)
-    if reduction == "none":
+    out = run_linear(chosen, x[a], x[p], None, target, None, -100, _softmax_ops.TRANSFORMS["identity"], params, fast)
+    if fast == "none":
         out = out.new_zeros(embeddings.shape[0]).index_put((a,), out)
-    return out.to(embeddings.dtype)
+    return _finish(out, embeddings, embedding_regularizer, embedding_reg_weight, red)
 
 
 for _fn in (circle_loss, unified_loss, multi_similarity_loss, supcon_loss, ntxent_loss, contrastive_loss,
@@ -722,25 +768,16 @@ class PairwiseLoss(LossModule):
     embedding_regularizer= and embedding_reg_weight= (added to its _options here)."""
 
     _pml_defaults = dict(distance=None, reducer=None, embedding_regularizer=None, embedding_reg_weight=1.0)
-    # False: the loss computes every pair itself and takes none of PML's keywords (distance=,
-    # reducer=, indices_tuple; the losses added after the PML keywords path).
-    _pml_keywords = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        if cls._pml_keywords and cls._options and not set(PML_OPTIONS) <= set(cls._options):
+        if cls._options and not set(PML_OPTIONS) <= set(cls._options):
             cls._options = tuple(cls._options) + PML_OPTIONS
 
     def __init__(self, **options):
-        super().__init__(**({**self._pml_defaults, **options} if self._pml_keywords else options))
+        super().__init__(**{**self._pml_defaults, **options})
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, ref_self_index=None):
-        if not self._pml_keywords:
-            if indices_tuple is not None:
-                raise NotImplementedError(f"{type(self).__name__} computes every pair itself; indices_tuple (a "
-                                          f"miner's tuple) is not supported for it yet")
-            return type(self)._function(embeddings, labels, ref_embeddings=ref_emb, ref_labels=ref_labels,
-                                        ref_self_index=ref_self_index, **self.options())
         return type(self)._function(embeddings, labels, ref_embeddings=ref_emb, ref_labels=ref_labels,
                                     ref_self_index=ref_self_index, indices_tuple=indices_tuple, **self.options())
 
@@ -849,13 +886,12 @@ def __getattr__(name):
 
 
 class GeneralizedLiftedStructureLoss(PairwiseLoss):
-    _pml_keywords = False
     _function = generalized_lifted_structure_loss
     _options = ("neg_margin", "pos_margin", "reduction", "backend")
 
     def __init__(self, neg_margin: float = 1.0, pos_margin: float = 0.0, reduction: str = "mean",
-                 backend: str = "auto"):
-        super().__init__(neg_margin=neg_margin, pos_margin=pos_margin, reduction=reduction, backend=backend)
+                 backend: str = "auto", **pml):
+        super().__init__(neg_margin=neg_margin, pos_margin=pos_margin, reduction=reduction, backend=backend, **pml)
 
     def spec(self):
         return "generalized_lifted_structure", _gen_lifted_params(self.pos_margin, self.neg_margin)
@@ -864,27 +900,25 @@ class GeneralizedLiftedStructureLoss(PairwiseLoss):
 class TupletMarginLoss(PairwiseLoss):
     """PML's TupletMarginLoss; margin in radians (PML: degrees), default PML's 5.73 degrees."""
 
-    _pml_keywords = False
     _function = tuplet_margin_loss
     _options = ("margin", "scale", "reduction", "backend")
 
     def __init__(self, margin: float = TUPLET_DEFAULT_MARGIN, scale: float = 64.0, reduction: str = "mean",
-                 backend: str = "auto"):
+                 backend: str = "auto", **pml):
         _tuplet_params(margin, scale)
-        super().__init__(margin=margin, scale=scale, reduction=reduction, backend=backend)
+        super().__init__(margin=margin, scale=scale, reduction=reduction, backend=backend, **pml)
 
     def spec(self):
         return "tuplet_margin", _tuplet_params(self.margin, self.scale)
 
 
 class FastAPLoss(PairwiseLoss):
-    _pml_keywords = False
     _function = fastap_loss
     _options = ("num_bins", "reduction", "backend")
 
-    def __init__(self, num_bins: int = 10, reduction: str = "mean", backend: str = "auto"):
+    def __init__(self, num_bins: int = 10, reduction: str = "mean", backend: str = "auto", **pml):
         _fastap_params(num_bins)
-        super().__init__(num_bins=num_bins, reduction=reduction, backend=backend)
+        super().__init__(num_bins=num_bins, reduction=reduction, backend=backend, **pml)
 
     def spec(self):
         return "fastap", _fastap_params(self.num_bins)
@@ -895,20 +929,19 @@ class MarginLoss(PairwiseLoss):
     (num_classes,): an nn.Parameter when learn_beta (then nu weights PML's beta regularizer),
     else a buffer that is not saved in the state_dict (as PML, where it is a plain attribute)."""
 
-    _pml_keywords = False
     _function = margin_based_loss
     _options = ("margin", "nu", "reduction", "backend")
 
     def __init__(self, margin: float = 0.2, nu: float = 0.0, beta: float = 1.2, triplets_per_anchor="all",
                  learn_beta: bool = False, num_classes: int | None = None, reduction: str = "mean",
-                 backend: str = "auto"):
+                 backend: str = "auto", **pml):
         if triplets_per_anchor != "all":
             raise ValueError(f"triplets_per_anchor must be 'all' (every triplet, PML's default); random triplet "
                              f"sampling is not supported, got {triplets_per_anchor!r}")
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 1):
             raise ValueError(f"num_classes must be None or a positive int, got {num_classes!r}")
-        super().__init__(margin=margin, nu=nu, reduction=reduction, backend=backend)
+        super().__init__(margin=margin, nu=nu, reduction=reduction, backend=backend, **pml)
         self.triplets_per_anchor = triplets_per_anchor
         self.learn_beta = bool(learn_beta)
         self.num_classes = num_classes
@@ -933,21 +966,18 @@ class MarginLoss(PairwiseLoss):
 
 
 class NPairsLoss(PairwiseLoss):
-    """PML's NPairsLoss (cosine similarity); takes no references (as PML)."""
+    """PML's NPairsLoss (DotProductSimilarity of normalized embeddings); takes no references (as PML)."""
 
-    _pml_keywords = False
     _function = npairs_loss
     _options = ("reduction", "backend")
 
-    def __init__(self, reduction: str = "mean", backend: str = "auto"):
-        super().__init__(reduction=reduction, backend=backend)
+    def __init__(self, reduction: str = "mean", backend: str = "auto", **pml):
+        super().__init__(reduction=reduction, backend=backend, **pml)
 
     def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, ref_self_index=None):
         if ref_emb is not None or ref_labels is not None or ref_self_index is not None:
             raise ValueError("NPairsLoss takes no ref_emb / ref_labels (as pytorch-metric-learning's)")
-        if indices_tuple is not None:
-            raise NotImplementedError("NPairsLoss builds its own pairs; miners (indices_tuple) are not supported")
-        return npairs_loss(embeddings, labels, **self.options())
+        return npairs_loss(embeddings, labels, indices_tuple=indices_tuple, **self.options())
 
     def spec(self):
         raise NotImplementedError("NPairsLoss runs on the fused linear softmax kernels, not the pairwise engine")

@@ -42,7 +42,7 @@ class Summary(NamedTuple):
 
     sums: Tensor          # (B,) sum of the anchor's element losses (with gradient)
     count: Tensor         # (B,) its number of elements
-    nonzero: Tensor       # (B,) of which > 0 (or NaN)
+    nonzero: Tensor | None  # (B,) of which > 0 (or NaN); None where the engine does not count them
     reduction_type: str
 
 
@@ -247,7 +247,7 @@ def for_sub_loss(reducer: BaseReducer, name: str) -> BaseReducer:
 
 _SIMPLE = {"MeanReducer": MeanReducer, "SumReducer": SumReducer, "AvgNonZeroReducer": AvgNonZeroReducer,
            "DoNothingReducer": DoNothingReducer, "DivisorReducer": DivisorReducer}
-DEFAULTS = {"mean": MeanReducer, "avg_non_zero": AvgNonZeroReducer}
+DEFAULTS = {"mean": MeanReducer, "avg_non_zero": AvgNonZeroReducer, "divisor": DivisorReducer}
 
 
 def as_reducer(obj, name: str = "reducer") -> BaseReducer | None:

@@ -17,6 +17,8 @@ compute, with all pairs listed (docs/spec/pairwise.md).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -104,6 +106,30 @@ def all_pairs(labels: Tensor, ref_labels: Tensor | None, ref_self_index: int | N
 def _unique_pairs(a: Tensor, b: Tensor, M: int) -> tuple[Tensor, Tensor, Tensor]:
     key = torch.unique(a * max(M, 1) + b)
     return key // max(M, 1), key % max(M, 1), key
+
+
+def anchor_weights(t: tuple | None, B: int, dtype, device) -> Tensor:
+    """PML's convert_to_weights (FastAP): each batch row's number of appearances anywhere in the
+    tuple over the largest such number; all ones without a tuple or with empty lists."""
+    if t is None or all(u.numel() == 0 for u in t):
+        return torch.ones(B, dtype=dtype, device=device)
+    counts = torch.zeros(B, dtype=dtype, device=device).index_add(
+        0, torch.cat(t), torch.ones(sum(u.numel() for u in t), dtype=dtype, device=device))
+    return counts / counts.max()
+
+
+def first_per_label(a: Tensor, p: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """PML's convert_to_pos_pairs_with_unique_labels (NPairs): for each label among the anchors
+    (in increasing label order), its first positive pair in the list."""
+    if a.numel() == 0:
+        return a, p
+    la = labels[a]
+    order = torch.sort(la, stable=True).indices
+    sl = la[order]
+    first = torch.ones_like(sl, dtype=torch.bool)
+    first[1:] = sl[1:] != sl[:-1]
+    keep = order[first]
+    return a[keep], p[keep]
 
 
 # ---------------------------------------------------------------- pair values
@@ -272,13 +298,107 @@ def _supcon(params, vp, a1, vn, a2, B, dist):
     return torch.where(has, torch.where(has, lse, torch.zeros_like(lse)) - mean_pos, torch.zeros_like(lse))
 
 
+def _lse_with_zero(z: Tensor) -> Tensor:
+    """log(1 + e^z) as PML's logsumexp(add_one=True) rounds it (exactly 0 once e^z < 2^-53, which
+    its non-zero reducers count), stable for large z."""
+    m = z.detach().clamp_min(0)
+    return m + torch.log(torch.exp(-m) + torch.exp(z - m))
+
+
+def _lse_or_zero(values: Tensor, seg: Tensor, B: int) -> Tensor:
+    """PML's masked logsumexp(add_one=False): 0 for an anchor without values."""
+    lse = segment_lse(values, seg, B)
+    return torch.where(segment_count(seg, B, torch.long) > 0, lse, torch.zeros_like(lse))
+
+
+def _safe_sqrt(v: Tensor) -> Tensor:
+    """sqrt with derivative 0 at 0 (the tuplet margin's choice at an identical positive pair)."""
+    pos = v > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), torch.zeros_like(v))
+
+
+def _margin(params, aux, x, ref, t, dist):
+    a, p, n = to_triplets(t)
+    if a.numel() == 0:
+        return None
+    (margin,) = params
+    beta_rows = aux["beta_rows"]
+    beta = beta_rows[a].to(x.dtype)
+    ap, an = pair_values(x, ref, a, p, dist), pair_values(x, ref, a, n, dist)
+    # PML: relu(distance.margin(d_ap, beta) + margin), relu(distance.margin(beta, d_an) + margin)
+    pos = torch.relu((beta - ap if dist.inverted else ap - beta) + margin)
+    neg = torch.relu((an - beta if dist.inverted else beta - an) + margin)
+    divisor = (pos > 0).sum() + (neg > 0).sum()
+    out = {"margin_loss": Elements(pos + neg, (a, p, n), "triplet", divisor)}
+    if not aux["learned"]:
+        out["beta_reg_loss"] = Elements(0, None, "already_reduced")
+    elif aux["single"]:
+        out["beta_reg_loss"] = Elements(beta_rows[:1].to(x.dtype) * aux["nu"], None, "already_reduced")
+    else:
+        out["beta_reg_loss"] = Elements(beta * aux["nu"], a, "element", divisor)
+    return out
+
+
+def _fastap(params, aux, x, ref, t, dist):
+    a1, p, a2, n = to_pairs(t)
+    B = x.shape[0]
+    n_pos = segment_count(a1, B, x.dtype)
+    safe_n = n_pos > 0
+    if not bool(safe_n.any()):
+        return None
+    (num_bins,) = params
+    num_bins = int(num_bins)
+    top = 2.0 ** dist.power  # PML's histogram_max (the squared distances of unit vectors: [0, 4])
+    centers = torch.linspace(0.0, top, num_bins + 1, dtype=x.dtype, device=x.device)
+
+    def hist(v, seg):
+        pulse = torch.relu(1 - (v[:, None] - centers).abs() / (top / num_bins))
+        return x.new_zeros(B, num_bins + 1).index_add(0, seg, pulse)
+
+    h_pos = hist(pair_values(x, ref, a1, p, dist), a1)
+    h_all = h_pos + hist(pair_values(x, ref, a2, n, dist), a2)
+    product = h_pos * h_pos.cumsum(1)
+    total = h_all.cumsum(1)
+    safe = (product > 0) & (total > 0)
+    if not bool(safe.any()):
+        return None
+    fast_ap = torch.where(safe, product / torch.where(safe, total, torch.ones_like(total)), torch.zeros_like(total))
+    anchors = safe_n.nonzero().flatten()
+    losses = (1 - fast_ap.sum(1)[anchors] / n_pos[anchors]) * aux["weights"][anchors].to(x.dtype)
+    return {"loss": Elements(losses, anchors, "element")}
+
+
+def _npairs(aux, x, ref, t, dist):
+    a, p = first_per_label(*to_pairs(t)[:2], aux["labels"])
+    if a.numel() == 0:
+        return None
+    xa, xp = x[a], ref[p]
+    if dist.inverted:
+        sim = xa @ xp.T
+    else:
+        sim = torch.cdist(xa, xp, p=dist.p)
+    if dist.power != 1:
+        sim = sim ** dist.power
+    if not dist.inverted:
+        sim = -sim
+    losses = F.cross_entropy(sim, torch.arange(a.numel(), device=x.device), reduction="none")
+    return {"loss": Elements(losses, a, "element")}
+
+
 def element_losses(name: str, params: tuple, x: Tensor, ref: Tensor, t: tuple, dist: DistanceSpec, *,
-                   swap: bool = False, smooth_loss: bool = False) -> dict[str, Elements] | None:
+                   swap: bool = False, smooth_loss: bool = False, aux: dict | None = None) -> dict[str, Elements] | None:
     """PML's loss dict (sub-loss name -> Elements) of loss `name` over the tuple `t` (checked);
     None where PML returns its zero loss. x, ref: the rows the distance reads (normalized when it
-    normalizes, ref may be x)."""
+    normalizes, ref may be x). aux: what a loss needs besides the tuple (MarginLoss: beta_rows (B,),
+    nu, learned, single; FastAP: the anchors' weights; NPairs: the labels)."""
     sem = SEMANTICS[name]
     B, M = x.shape[0], ref.shape[0]
+    if name == "margin":
+        return _margin(params, aux, x, ref, t, dist)
+    if name == "fastap":
+        return _fastap(params, aux, x, ref, t, dist)
+    if name == "npairs":
+        return _npairs(aux, x, ref, t, dist)
     if sem.tuples == "triplets":
         a, p, n = to_triplets(t)
         if a.numel() == 0:
@@ -315,6 +435,21 @@ def element_losses(name: str, params: tuple, x: Tensor, ref: Tensor, t: tuple, d
         lse_n = segment_lse(_oriented(vn, dist.inverted) / temp, a2, B)
         losses = torch.logaddexp(lse_n[a1] - _oriented(vp, dist.inverted) / temp, torch.zeros_like(vp))
         return {"loss": Elements(losses, (a1, p), "pos_pair")}
+    if name == "generalized_lifted_structure":
+        pos_margin, neg_margin = params
+        # PML: distance.margin(mat, pos_margin), distance.margin(neg_margin, mat), each set's LSE
+        lp = _lse_or_zero(pos_margin - vp if dist.inverted else vp - pos_margin, a1, B)
+        ln = _lse_or_zero(vn - neg_margin if dist.inverted else neg_margin - vn, a2, B)
+        return {"loss": Elements(torch.relu(lp + ln), arange, "element")}
+    if name == "tuplet_margin":
+        if a1.numel() == 0 or a2.numel() == 0:
+            return None
+        margin, scale = params
+        # cos(acos(s) - margin), with a finite derivative at s = 1 (docs/spec/pairwise.md)
+        s = vp.clamp(-1, 1)
+        c = s * math.cos(margin) + _safe_sqrt(1 - s * s) * math.sin(margin)
+        lse_n = segment_lse(scale * vn, a2, B)
+        return {"loss": Elements(_lse_with_zero(lse_n[a1] - scale * c), (a1, p), "pos_pair")}
     if name == "contrastive":
         pos_margin, neg_margin = params
         # PML: relu(distance.margin(d, pos_margin)), relu(distance.margin(neg_margin, d))
@@ -325,7 +460,8 @@ def element_losses(name: str, params: tuple, x: Tensor, ref: Tensor, t: tuple, d
 
 
 def pml_zero_rule(t: tuple, name: str) -> bool:
-    """PML's pair losses return 0 when every list of the (pair) tuple holds at most one entry."""
-    if SEMANTICS[name].tuples == "triplets":
+    """PML's pair losses (GenericPairLoss) return 0 when every list of the (pair) tuple holds at
+    most one entry."""
+    if SEMANTICS[name].tuples not in ("mask", "list"):
         return False
     return all(x.numel() <= 1 for x in to_pairs(t))
