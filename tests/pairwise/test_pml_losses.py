@@ -265,8 +265,8 @@ def test_npairs_edge_cases_and_bad_input():
     mod = slf.NPairsLoss()
     with pytest.raises(ValueError, match="takes no ref_emb"):
         mod(x, torch.zeros(5, dtype=torch.long), ref_emb=x, ref_labels=torch.zeros(5, dtype=torch.long))
-    with pytest.raises(NotImplementedError, match="indices_tuple"):
-        mod(x, torch.zeros(5, dtype=torch.long), indices_tuple=(torch.tensor([0]),) * 3)
+    with pytest.raises(ValueError, match=r"indices_tuple\[1\] must index \[0, 5\)"):
+        mod(x, torch.zeros(5, dtype=torch.long), indices_tuple=(torch.tensor([0]), torch.tensor([7]), torch.tensor([1])))
     with pytest.raises(ValueError, match="labels must have one entry per row"):
         slf.npairs_loss(x, torch.zeros(4, dtype=torch.long))
     with pytest.raises(slf.BackendUnavailable):
@@ -344,3 +344,257 @@ def test_fastap_self_slot_with_another_label_is_a_negative(backend):
     else:
         out = slf.fastap_loss(x, y, backend="cpu", **kw)
     assert_tight(out, slf.fastap_loss(x, y, backend="reference", **kw))
+
+
+# ---------------------------------------------------------------- PML's keywords on the ported losses
+
+PR = pytest.importorskip("pytorch_metric_learning.reducers")
+PD = pytest.importorskip("pytorch_metric_learning.distances")
+PM = pytest.importorskip("pytorch_metric_learning.miners")
+
+# name -> (ours(**kw), PML's(**kw)), with settings other than the defaults
+PORTED = {
+    "generalized_lifted_structure": (lambda **k: slf.GeneralizedLiftedStructureLoss(neg_margin=0.8, pos_margin=0.1, **k),
+                                     lambda **k: pml_losses.GeneralizedLiftedStructureLoss(neg_margin=0.8,
+                                                                                           pos_margin=0.1, **k)),
+    "tuplet_margin": (lambda **k: slf.TupletMarginLoss(margin=math.radians(10.0), scale=32, **k),
+                      lambda **k: pml_losses.TupletMarginLoss(margin=10.0, scale=32, **k)),
+    "margin": (lambda **k: slf.MarginLoss(margin=0.1, beta=0.9, **k),
+               lambda **k: pml_losses.MarginLoss(margin=0.1, beta=0.9, **k)),
+    "fastap": (lambda **k: slf.FastAPLoss(num_bins=5, **k), lambda **k: pml_losses.FastAPLoss(num_bins=5, **k)),
+    "npairs": (lambda **k: slf.NPairsLoss(**k), lambda **k: pml_losses.NPairsLoss(**k)),
+}
+# PML keeps the per-anchor (lifted structure) and per-pair (tuplet) losses as (K, 1), which its
+# ClassWeightedReducer broadcasts into K x K and its PerAnchorReducer refuses; ours weights each
+# element by its anchor's class (the other pairwise losses do the same, docs/pairwise.md).
+COLUMN_LOSSES = {"generalized_lifted_structure", "tuplet_margin"}
+
+
+def _batch(B=40, classes=6, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 8, generator=g, dtype=dtype), torch.randint(0, classes, (B,), generator=g)
+
+
+def _same(ours, theirs, *inputs, rtol=1e-9, atol=1e-11):
+    """Loss and the gradients of every input (float64) equal PML's."""
+    xs = [t.clone().requires_grad_() for t in inputs]
+    ps = [t.clone().requires_grad_() for t in inputs]
+    a, b = ours(*xs), theirs(*ps)
+    ga = _grads(a, xs)
+    gb = _grads(b, ps)
+    torch.testing.assert_close(a.detach(), b.detach().to(a.dtype).reshape(a.shape), rtol=rtol, atol=atol)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, rtol=rtol, atol=atol * max(v.abs().max().item(), 1.0))
+    return a
+
+
+MINERS = {"pairs": lambda: PM.MultiSimilarityMiner(0.1), "pair_margin": lambda: PM.PairMarginMiner(0.3, 0.9),
+          "triplets": lambda: PM.TripletMarginMiner(0.3), "batch_hard": lambda: PM.BatchHardMiner()}
+
+
+@pytest.mark.parametrize("miner", sorted(MINERS))
+@pytest.mark.parametrize("name", sorted(PORTED))
+def test_ported_losses_take_pml_miners_tuples(name, miner):
+    """A PML miner's pairs or triplets, read as each PML class reads them (pairs, a mask of pairs,
+    triplets crossed, FastAP's anchor weights, NPairs' first pair per label)."""
+    ours, theirs = PORTED[name]
+    x, y = _batch()
+    t = MINERS[miner]()(x, y)
+    _same(lambda e: ours()(e, y, t), lambda e: theirs()(e, y, t), x)
+
+
+@pytest.mark.parametrize("name", sorted(PORTED))
+def test_ported_losses_take_our_miners_and_edge_tuples(name):
+    ours, theirs = PORTED[name]
+    x, y = _batch(16)
+    mined = slf.MultiSimilarityMiner(0.1)(x, y)  # PML's pairs, ordered by reference within an anchor
+    _same(lambda e: ours()(e, y, mined), lambda e: theirs()(e, y, tuple(mined.value())), x)
+    empty = torch.empty(0, dtype=torch.long)
+    for t in [(empty,) * 4, (empty,) * 3, (torch.tensor([0]), torch.tensor([1]), torch.tensor([2]), torch.tensor([3])),
+              (torch.tensor([0, 0, 1]), torch.tensor([1, 1, 2]), torch.tensor([0, 1, 1]), torch.tensor([3, 3, 4]))]:
+        if name == "generalized_lifted_structure" and len(t) == 4 and t[0].numel() == 3:
+            continue  # (0, 1) both positive and negative: an error for PML's mat-based losses (and ours)
+        _same(lambda e: ours()(e, y, t), lambda e: theirs()(e, y, t), x)
+
+
+@pytest.mark.parametrize("name", ["generalized_lifted_structure", "tuplet_margin", "margin"])
+def test_ported_losses_take_a_tuple_with_references(name):
+    ours, theirs = PORTED[name]
+    x, y = _batch(24)
+    r, ry = _batch(40, seed=1)
+    t = PM.MultiSimilarityMiner(0.2)(x, y, r, ry)
+    _same(lambda e, f: ours()(e, y, t, f, ry), lambda e, f: theirs()(e, y, t, f, ry), x, r)
+
+
+def test_fastap_and_npairs_take_no_references_with_a_tuple():
+    x, y = _batch(12)
+    t = PM.MultiSimilarityMiner(0.2)(x, y)
+    with pytest.raises(ValueError, match="takes no references"):
+        slf.fastap_loss(x, y, indices_tuple=t, ref_embeddings=x, ref_labels=y)
+    with pytest.raises(ValueError, match="takes no ref_emb"):
+        slf.NPairsLoss()(x, y, t, x, y)
+    with pytest.raises(ValueError, match="labels are needed"):
+        slf.NPairsLoss()(x, None, t)
+
+
+REDUCERS = {
+    "mean": lambda R: R.MeanReducer(), "sum": lambda R: R.SumReducer(), "avg_non_zero": lambda R: R.AvgNonZeroReducer(),
+    "threshold": lambda R: R.ThresholdReducer(0.1, 3.0), "threshold_high": lambda R: R.ThresholdReducer(high=0.5),
+    "per_anchor": lambda R: R.PerAnchorReducer(),
+    "class_weighted": lambda R: R.ClassWeightedReducer(torch.linspace(0.1, 1.0, 6, dtype=torch.float64)),
+    "divisor": lambda R: R.DivisorReducer(),
+}
+
+
+@pytest.mark.parametrize("mined", [False, True])
+@pytest.mark.parametrize("reducer", sorted(REDUCERS))
+@pytest.mark.parametrize("name", sorted(PORTED))
+def test_ported_losses_take_pml_reducers(name, reducer, mined):
+    ours, theirs = PORTED[name]
+    x, y = _batch()
+    t = PM.MultiSimilarityMiner(0.1)(x, y) if mined else None
+    if reducer == "divisor" and name != "margin":
+        with pytest.raises(ValueError, match="supplies a divisor"):
+            ours(reducer=slf.DivisorReducer())(x, y, t)
+        return
+    if reducer == "per_anchor" and name == "margin":
+        with pytest.raises(NotImplementedError, match="triplet reduction"):
+            ours(reducer=slf.PerAnchorReducer())(x, y, t)
+        return
+    if name in COLUMN_LOSSES and reducer in ("class_weighted", "per_anchor"):
+        elements = lambda e: theirs(reducer=PR.DoNothingReducer())(e, y, t)["loss"]
+        if reducer == "class_weighted":
+            w = REDUCERS[reducer](PR).weights
+
+            def expected(e):
+                info = elements(e)
+                anchors = info["indices"] if info["reduction_type"] == "element" else info["indices"][0]
+                return (info["losses"].reshape(-1) * w[y[anchors]]).mean()
+        else:
+            def expected(e):  # per anchor, the mean of its pair losses; then their mean
+                info = elements(e)
+                if info["reduction_type"] == "element":
+                    return info["losses"].reshape(-1).mean()
+                a = info["indices"][0]
+                sums = torch.zeros(len(y), dtype=e.dtype).index_add(0, a, info["losses"].reshape(-1))
+                n = torch.zeros(len(y), dtype=e.dtype).index_add(0, a, torch.ones(len(a), dtype=e.dtype))
+                return torch.where(n > 0, sums / n.clamp_min(1), torch.zeros_like(n)).mean()
+        _same(lambda e: ours(reducer=REDUCERS[reducer](slf))(e, y, t), expected, x)
+        return
+    for objects in (slf, PR):
+        _same(lambda e: ours(reducer=REDUCERS[reducer](objects))(e, y, t),
+              lambda e: theirs(reducer=REDUCERS[reducer](PR))(e, y, t), x)
+
+
+@pytest.mark.parametrize("name", sorted(PORTED))
+def test_ported_losses_do_nothing_reducer_returns_pml_elements(name):
+    ours, theirs = PORTED[name]
+    x, y = _batch(24)
+    a = ours(reducer=slf.DoNothingReducer())(x, y)
+    b = theirs(reducer=PR.DoNothingReducer())(x, y)
+    assert set(a) == set(b)
+    for k in b:
+        assert a[k]["reduction_type"] == b[k]["reduction_type"]
+        la, lb = a[k]["losses"], b[k]["losses"]
+        if torch.is_tensor(lb):
+            torch.testing.assert_close(la.reshape(-1).sort().values, lb.reshape(-1).sort().values)
+        else:
+            assert la == lb
+
+
+DISTANCES = {
+    "generalized_lifted_structure": [lambda D: D.CosineSimilarity(), lambda D: D.LpDistance(power=2),
+                                     lambda D: D.LpDistance(p=1), lambda D: D.DotProductSimilarity(normalize_embeddings=False)],
+    "margin": [lambda D: D.CosineSimilarity(), lambda D: D.LpDistance(power=2, normalize_embeddings=False),
+               lambda D: D.LpDistance(p=1)],
+    "fastap": [lambda D: D.LpDistance(), lambda D: D.LpDistance(power=3)],
+    "npairs": [lambda D: D.LpDistance(), lambda D: D.LpDistance(p=1, power=2),
+               lambda D: D.DotProductSimilarity(normalize_embeddings=False)],
+}
+
+
+@pytest.mark.parametrize("name, k", [(n, k) for n, ds in DISTANCES.items() for k in range(len(ds))])
+def test_ported_losses_take_pml_distances(name, k):
+    ours, theirs = PORTED[name]
+    make = DISTANCES[name][k]
+    x, y = _batch(32)
+    t = PM.TripletMarginMiner(0.4)(x, y)
+    for objects in (slf, PD):
+        _same(lambda e: ours(distance=make(objects))(e, y), lambda e: theirs(distance=make(PD))(e, y), x)
+    _same(lambda e: ours(distance=make(slf))(e, y, t), lambda e: theirs(distance=make(PD))(e, y, t), x)
+    # the engine kernels of these losses compute their default distance only: an explicit
+    # compiled backend says so rather than running another distance
+    with pytest.raises(slf.BackendUnavailable, match="default distance only|engine computes"):
+        ours(distance=make(slf), backend="cpu")(x, y)
+
+
+def test_ported_losses_refuse_distances_pml_refuses():
+    x, y = _batch(8)
+    with pytest.raises(ValueError, match="takes distance=CosineSimilarity only"):
+        slf.TupletMarginLoss(distance=slf.LpDistance())(x, y)
+    with pytest.raises(ValueError, match="takes distance=LpDistance only"):
+        slf.FastAPLoss(distance=slf.CosineSimilarity())(x, y)
+    with pytest.raises(ValueError, match="p=2 only"):
+        slf.FastAPLoss(distance=PD.LpDistance(p=1))(x, y)
+    with pytest.raises(ValueError, match="normalize_embeddings=True only"):
+        slf.FastAPLoss(distance=slf.LpDistance(normalize_embeddings=False))(x, y)
+
+
+@pytest.mark.parametrize("name", sorted(PORTED))
+def test_ported_losses_take_pml_embedding_regularizer(name):
+    PG = pytest.importorskip("pytorch_metric_learning.regularizers")
+    ours, theirs = PORTED[name]
+    x, y = _batch(24)
+    _same(lambda e: ours(embedding_regularizer=slf.LpRegularizer(), embedding_reg_weight=0.3)(e, y),
+          lambda e: theirs(embedding_regularizer=PG.LpRegularizer(), embedding_reg_weight=0.3)(e, y), x)
+
+
+@pytest.mark.parametrize("num_classes", [None, 6])
+@pytest.mark.parametrize("case", ["tuple", "mean", "threshold", "cosine", "sum", "divisor"])
+def test_margin_learned_beta_with_pml_keywords(case, num_classes):
+    """beta (one or per class) and nu's regularizer on every path: the listed triplets (a tuple,
+    a reducer needing elements, another distance) and the engine (SumReducer, DivisorReducer)."""
+    x, y = _batch(30)
+    t = PM.TripletMarginMiner(0.3)(x, y) if case == "tuple" else None
+    kw = {"mean": dict(reducer="MeanReducer"), "threshold": dict(reducer="ThresholdReducer"),
+          "cosine": dict(distance="CosineSimilarity"), "sum": dict(reducer="SumReducer"),
+          "divisor": dict(reducer="DivisorReducer")}.get(case, {})
+
+    def make(cls, objs):
+        args = {}
+        if "reducer" in kw:
+            r = getattr(objs[0], kw["reducer"])
+            args["reducer"] = r(low=0.05) if kw["reducer"] == "ThresholdReducer" else r()
+        if "distance" in kw:
+            args["distance"] = getattr(objs[1], kw["distance"])()
+        return cls(margin=0.15, nu=0.3, beta=1.0, learn_beta=True, num_classes=num_classes, **args)
+
+    ours = make(slf.MarginLoss, (slf, slf)).double()
+    theirs = make(pml_losses.MarginLoss, (PR, PD))
+    b = 0.9 + 0.3 * torch.rand(ours.beta.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours.beta.copy_(b)
+    theirs.beta.data = b.clone()
+    xo, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = ours(xo, y, t), theirs(xp, y, t)
+    gx, gb = _grads(out, [xo, ours.beta])
+    ex, eb = _grads(expected, [xp, theirs.beta])
+    assert_tight(out.detach(), expected.detach(), what="loss")
+    assert_tight(gx, ex, rtol=1e-9, atol=1e-12, what="d/dx")
+    assert_tight(gb, eb.to(gb.dtype), rtol=1e-9, atol=1e-12, what="d/dbeta")
+    assert gb.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", sorted(PORTED))
+def test_ported_losses_default_call_stays_on_the_fused_engine(name, monkeypatch):
+    """The default call, SumReducer and the default reducer never list pairs."""
+    from structloss_fast.pairwise import tuples
+
+    monkeypatch.setattr(tuples, "element_losses", lambda *a, **k: (_ for _ in ()).throw(AssertionError("listed")))
+    ours, theirs = PORTED[name]
+    x, y = _batch(24)
+    default = {"margin": slf.DivisorReducer}.get(name, slf.MeanReducer)
+    for kw in ({}, dict(reduction="sum"), dict(reducer=slf.SumReducer()), dict(reducer=default())):
+        _same(lambda e: ours(backend="cpu", **kw)(e, y),
+              lambda e: theirs(reducer=PR.SumReducer() if kw.get("reduction") == "sum" else kw.get("reducer") and
+                               getattr(PR, type(kw["reducer"]).__name__)())(e, y), x)
