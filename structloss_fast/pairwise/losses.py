@@ -115,13 +115,16 @@ def loss_terms(loss_name, params, embeddings, labels, ref_embeddings=None, ref_l
 PML_OPTIONS = ("distance", "reducer", "embedding_regularizer", "embedding_reg_weight")
 _DEFAULT_DISTANCES = {"cosine": _distances.CosineSimilarity, "dot": _distances.DotProductSimilarity,
                       "lp": _distances.LpDistance, "lp2": lambda: _distances.LpDistance(power=2)}
-_DEFAULT_SPECS = {k: make().spec() for k, make in _DEFAULT_DISTANCES.items()}
+# One instance each (stateless; the losses only read them): an nn.Module built per call costs
+# about as much as a small batch's loss.
+_DEFAULTS = {k: make() for k, make in _DEFAULT_DISTANCES.items()}
+_DEFAULT_SPECS = {k: d.spec() for k, d in _DEFAULTS.items()}
 
 
 def _distance(sem: _semantics.Semantics, loss_name: str, distance) -> _distances.BaseDistance:
     dist = _distances.as_distance(distance)
     if dist is None:
-        return _DEFAULT_DISTANCES[sem.default_distance]()
+        return _DEFAULTS[sem.default_distance]
     if sem.only_distances and type(dist).__name__ not in sem.only_distances:
         raise ValueError(f"the {loss_name} loss takes distance={' or '.join(sem.only_distances)} only (as "
                          f"pytorch-metric-learning asserts), got {type(dist).__name__}")
