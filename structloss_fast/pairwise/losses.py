@@ -742,10 +742,12 @@ def npairs_loss(embeddings: Tensor, labels: Tensor, *, reduction: str = "mean", 
     chosen = _registry.resolve(_softmax_ops.LINEAR_OP, backend, embeddings.device)
     if chosen == "reference":
         out = _ref.npairs_loss(embeddings, labels, reduction=fast)
-        return _finish(out, embeddings, embedding_regularizer, embedding_reg_weight, red)
+        return _finish(_ref.nan_unless_finite(out, embeddings), embeddings, embedding_regularizer,
+                       embedding_reg_weight, red)
     a, p = _ref.npairs_pairs(labels)
     K = a.shape[0]
-    if K == 0:
+    compiling = torch.compiler.is_compiling()  # (K is data-dependent: no Python branch on it there)
+    if not compiling and K == 0:
         zero = embeddings.sum() * 0
         out = zero.expand(embeddings.shape[0]).clone() if fast == "none" else zero
         return _finish(out, embeddings, embedding_regularizer, embedding_reg_weight, red)
@@ -755,7 +757,11 @@ def npairs_loss(embeddings: Tensor, labels: Tensor, *, reduction: str = "mean", 
     out = run_linear(chosen, x[a], x[p], None, target, None, -100, _softmax_ops.TRANSFORMS["identity"], params, fast)
     if fast == "none":
         out = out.new_zeros(embeddings.shape[0]).index_put((a,), out)
-    return _finish(out, embeddings, embedding_regularizer, embedding_reg_weight, red)
+    elif compiling:  # PML's 0 without pairs (the mean over no rows would be NaN)
+        out = torch.where(torch.ones_like(a).sum() > 0, out, torch.zeros_like(out))
+    # Non-finite embeddings give NaN even when no pair reads the poisoned row.
+    return _finish(_ref.nan_unless_finite(out, embeddings), embeddings, embedding_regularizer,
+                   embedding_reg_weight, red)
 
 
 for _fn in (circle_loss, unified_loss, multi_similarity_loss, supcon_loss, ntxent_loss, contrastive_loss,
