@@ -18,7 +18,9 @@ TORCH_LIBRARY(structloss_fast, m) {
   // grad_mode (PairGradMode): with kGradX, grad_x (terms, B, D) holds for each term k the
   // gradient of sum_i term_k,i; with kGradXRef also grad_ref (terms, M, D) unless ref_is_x;
   // otherwise (0, B, D) / (0, M, D). Test switches are environment variables, not arguments:
-  // STRUCTLOSS_FAST_PAIRWISE_EPILOGUE=aten, STRUCTLOSS_FAST_PAIRWISE_SPARSE=0|1.
+  // STRUCTLOSS_FAST_PAIRWISE_EPILOGUE=aten, STRUCTLOSS_FAST_PAIRWISE_SPARSE=0|1,
+  // STRUCTLOSS_FAST_PAIRWISE_SYMMETRIC=0|1, STRUCTLOSS_FAST_PAIRWISE_STRIP_ROWS=n. params may end
+  // with the PairExtParam block (a distance's pair values, a fused miner).
   m.def(
       "pairwise_loss(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, int self_offset, bool ref_is_x, "
       "int loss, float[] params, int grad_mode) -> (Tensor row_stats, Tensor grad_x, Tensor grad_ref)");
@@ -27,6 +29,17 @@ TORCH_LIBRARY(structloss_fast, m) {
       "pairwise_loss_backward(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor row_stats, "
       "Tensor row_weights, int self_offset, bool ref_is_x, int loss, float[] params, bool ref_grad) -> "
       "(Tensor grad_x, Tensor grad_ref)");
+  // The same with a parameter per anchor, row_params (B,) (MarginLoss's beta; the losses of
+  // pair_loss_has_row_params in csrc/common/pairwise_math.h, which pairwise_loss refuses).
+  // Its gradient is not an output: the statistics hold each anchor's d term / d row_param.
+  m.def(
+      "pairwise_loss_rowparam(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor row_params, "
+      "int self_offset, bool ref_is_x, int loss, float[] params, int grad_mode) -> "
+      "(Tensor row_stats, Tensor grad_x, Tensor grad_ref)");
+  m.def(
+      "pairwise_loss_rowparam_backward(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor row_params, "
+      "Tensor row_stats, Tensor row_weights, int self_offset, bool ref_is_x, int loss, float[] params, "
+      "bool ref_grad) -> (Tensor grad_x, Tensor grad_ref)");
 
   // ---- softmax family (structloss_fast/softmax/_ops.py) ----
   // Encouraging Loss (cross-entropy at bonus_weight = 0) of each row of logits (N, C), or of
@@ -55,6 +68,30 @@ TORCH_LIBRARY(structloss_fast, m) {
       "linear_softmax_loss_backward(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, "
       "Tensor row_stats, Tensor row_weights, int ignore_index, int transform, float[] params, bool[3] grad_mask, "
       "int row_chunk, int class_tile) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  // Classes with `group` centers each (weight (group C, H), group-major: center k of class c is row k C + c):
+  // the similarities of input (N, H) to the centers are pooled per class (pool: SoftmaxPool,
+  // pool_param its parameter) into (N, C) values, which the row kernel takes with its transform
+  // and params as softmax_loss (SubCenterArcFace: max + ArcFace; SoftTriple: soft average + CosFace).
+  // In row chunks: the N x C group similarities never exist. grad_mask: (input, weight).
+  m.def(
+      "pooled_linear_softmax_loss(Tensor input, Tensor weight, Tensor target, Tensor? class_weight, "
+      "int ignore_index, int transform, float[] params, int pool, int group, float pool_param, bool[2] grad_mask) -> "
+      "(Tensor row_stats, Tensor grad_input, Tensor grad_weight)");
+  m.def(
+      "pooled_linear_softmax_loss_backward(Tensor input, Tensor weight, Tensor target, Tensor? class_weight, "
+      "Tensor row_stats, Tensor row_weights, int ignore_index, int transform, float[] params, int pool, int group, "
+      "float pool_param, bool[2] grad_mask) -> (Tensor grad_input, Tensor grad_weight)");
+  // ProxyAnchor (Kim et al. 2020) per-class statistics (C, kNumProxyAnchorStats) of embeddings x
+  // (N, D) and proxies (C, D), both L2-normalized; params (alpha, margin). Per proxy c,
+  // log(1 + sum over its rows of exp(-alpha (s_ic - margin))) and log(1 + sum over the other rows
+  // of exp(alpha (s_ic + margin))), in row chunks with an online log-sum-exp per column.
+  m.def("proxy_anchor_loss(Tensor x, Tensor proxies, Tensor labels, float[] params) -> Tensor class_stats");
+  // Gradients of sum_c class_weights[c, 0] pos_term_c + class_weights[c, 1] neg_term_c
+  // (class_weights (C, 2)), recomputed chunk by chunk. grad_mask: (x, proxies).
+  m.def(
+      "proxy_anchor_loss_backward(Tensor x, Tensor proxies, Tensor labels, Tensor class_stats, "
+      "Tensor class_weights, float[] params, bool[2] grad_mask) -> (Tensor grad_x, Tensor grad_proxies)");
 
   // ---- sgld / jem family (structloss_fast/ops/sgld.py) ----
   // One fused SGLD step, in place on x (csrc/common/sgld_math.h):

@@ -1,5 +1,7 @@
 """Train a small embedding network on scikit-learn's digits with every pairwise loss of
-structloss_fast and report Recall@1 on held-out digits.
+structloss_fast, alone and in pytorch-metric-learning's mined form (a miner's tuple, reducers,
+a cross-batch memory with a miner, two augmented views without labels), and report Recall@1 on
+held-out digits.
 
     python examples/pairwise_digits.py [--epochs 30] [--batch 128] [--seed 0]
 
@@ -46,6 +48,25 @@ def recall_at_1(emb: torch.Tensor, labels: torch.Tensor) -> float:
     return (labels[s.argmax(dim=1)] == labels).float().mean().item()
 
 
+def mined(loss, miner):
+    """PML's training-loop form: loss(emb, labels, miner(emb, labels)); our miners fuse into
+    their loss's pass (no index lists)."""
+    return lambda emb, labels: loss(emb, labels, miner(emb, labels))
+
+
+class TwoViews:
+    """Labels unused: two noisy views of each digit are each other's only positive
+    (SelfSupervisedLoss, as PML's)."""
+
+    def __init__(self, loss, noise=0.15):
+        self.loss, self.noise = slf.SelfSupervisedLoss(loss), noise
+
+    def step(self, model, x, gen):
+        def view():
+            return model(x + self.noise * torch.randn(x.shape, generator=gen))
+        return self.loss(view(), view())
+
+
 def losses(dim: int):
     return {
         "circle": slf.CircleLoss(m=0.25, gamma=64),
@@ -57,6 +78,22 @@ def losses(dim: int):
         "triplet (all)": slf.TripletMarginLoss(margin=0.2),
         "triplet (batch hard)": slf.TripletMarginLoss(margin=0.2, mining="batch_hard"),
         "contrastive + memory": slf.CrossBatchMemory(slf.ContrastiveLoss(), embedding_size=dim, memory_size=512),
+        # pytorch-metric-learning's mined training, with our miners, reducers and distances
+        "circle + MS miner": mined(slf.CircleLoss(m=0.25, gamma=64), slf.MultiSimilarityMiner(epsilon=0.1)),
+        "multi-sim + MS miner": mined(slf.MultiSimilarityLoss(), slf.MultiSimilarityMiner(epsilon=0.1)),
+        "triplet + semihard miner": mined(slf.TripletMarginLoss(margin=0.2),
+                                          slf.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")),
+        "triplet + easy/semihard": mined(slf.TripletMarginLoss(margin=0.2), slf.BatchEasyHardMiner()),
+        "contrastive + pair margin": mined(slf.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0),
+                                           slf.PairMarginMiner(pos_margin=0.2, neg_margin=0.8)),
+        "circle + threshold + memory": slf.CrossBatchMemory(
+            slf.CircleLoss(m=0.25, gamma=64, reducer=slf.ThresholdReducer(low=0.1, high=200.0)),
+            embedding_size=dim, memory_size=512, miner=slf.MultiSimilarityMiner(epsilon=0.1)),
+        "contrastive (cosine) + reg": slf.ContrastiveLoss(pos_margin=1.0, neg_margin=0.0,
+                                                          distance=slf.CosineSimilarity(),
+                                                          embedding_regularizer=slf.LpRegularizer(),
+                                                          embedding_reg_weight=0.01),
+        "ntxent, two views (no labels)": TwoViews(slf.NTXentLoss(temperature=0.1)),
     }
 
 
@@ -68,7 +105,10 @@ def train(loss_fn, x, y, args, progress) -> nn.Module:
         perm = torch.randperm(len(y), generator=gen)
         for start in range(0, len(y) - args.batch + 1, args.batch):
             idx = perm[start:start + args.batch]
-            loss = loss_fn(model(x[idx]), y[idx])
+            if isinstance(loss_fn, TwoViews):
+                loss = loss_fn.step(model, x[idx], gen)
+            else:
+                loss = loss_fn(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -99,7 +139,7 @@ def main(argv=None) -> dict:
                 results[name] = recall_at_1(model(x_te), y_te)
     print(f"\nRecall@1 on {len(y_te)} held-out digits ({args.epochs} epochs, batch {args.batch}):")
     for name, r in results.items():
-        print(f"  {name:<24} {r:.4f}" + (f"   (trained in {times[name]:.1f} s)" if name in times else ""))
+        print(f"  {name:<31} {r:.4f}" + (f"   (trained in {times[name]:.1f} s)" if name in times else ""))
     return results
 
 

@@ -21,6 +21,10 @@ class PairLoss(enum.IntEnum):
     CONTRASTIVE = 5
     TRIPLET_ALL = 6
     TRIPLET_HARD = 7
+    GEN_LIFTED = 8
+    TUPLET_MARGIN = 9
+    MARGIN_ALL = 10
+    FAST_AP = 11
 
 
 class PairLossInfo(NamedTuple):
@@ -39,7 +43,16 @@ PAIR_LOSS_INFO = {
     PairLoss.CONTRASTIVE: PairLossInfo(2, 2, False, False),
     PairLoss.TRIPLET_ALL: PairLossInfo(1, 1, False, False),
     PairLoss.TRIPLET_HARD: PairLossInfo(1, 1, False, True),
+    PairLoss.GEN_LIFTED: PairLossInfo(1, 2, False, False),
+    PairLoss.TUPLET_MARGIN: PairLossInfo(1, 2, True, False),
+    PairLoss.MARGIN_ALL: PairLossInfo(1, 1, False, False),
+    PairLoss.FAST_AP: PairLossInfo(1, 1, False, False),
 }
+
+
+# The losses with a parameter per anchor (MarginLoss's beta): they run on the op
+# pairwise_loss_rowparam, which pairwise_loss refuses (C++ pair_loss_has_row_params).
+PAIR_LOSSES_WITH_ROW_PARAMS = frozenset({PairLoss.MARGIN_ALL})
 
 
 class PairStat(enum.IntEnum):
@@ -66,6 +79,45 @@ class PairGradMode(enum.IntEnum):
     NONE = 0
     X = 1
     X_REF = 2
+
+
+class PairExtParam(enum.IntEnum):
+    """Positions in the optional block at the end of pairwise_loss's params (C++ PairExtParam, prefix kExt)."""
+
+    VALUE = 0
+    POWER = 1
+    RAW_NORMS = 2
+    MINER = 3
+    MINER0 = 4
+    MINER1 = 5
+    MINER2 = 6
+
+
+class PairValue(enum.IntEnum):
+    """What a pairwise strip holds when the epilogue reads it (C++ PairValue, prefix kValue)."""
+
+    GEMM = 0
+    NEG_GEMM = 1
+    DIST_POW = 2
+    NEG_DIST_POW = 3
+
+
+class PairMiner(enum.IntEnum):
+    """A miner fused into the pairwise loss's pass (C++ PairMiner, prefix kMiner)."""
+
+    NONE = 0
+    MULTI_SIMILARITY = 1
+    PAIR_MARGIN = 2
+    TRIPLET_WINDOW = 3
+    EASY_HARD = 4
+
+
+class PairPick(enum.IntEnum):
+    """BatchEasyHardMiner's choice of a positive or a negative (C++ PairPick, prefix kPick)."""
+
+    HARD = 0
+    EASY = 1
+    SEMIHARD = 2
 
 
 class SoftmaxTransform(enum.IntEnum):
@@ -103,6 +155,22 @@ class SoftmaxParam(enum.IntEnum):
     T1 = 5
 
 
+class SoftmaxPool(enum.IntEnum):
+    """The `pool` argument of pooled_linear_softmax_loss (C++ SoftmaxPool, prefix kPool)."""
+
+    MAX = 0
+    SOFT_AVG = 1
+
+
+class ProxyAnchorStat(enum.IntEnum):
+    """Columns of proxy_anchor_loss's per-class statistics (C++ ProxyAnchorStat, prefix kPa)."""
+
+    POS_TERM = 0
+    NEG_TERM = 1
+    NUM_POS = 2
+    NUM_NEG = 3
+
+
 class CGStatus(enum.IntEnum):
     """The per-column status output of the conjugate-gradient ops."""
 
@@ -117,8 +185,14 @@ CXX_ENUMS = {
     "PairLossKind": (PairLoss, ""),
     "PairStat": (PairStat, "Pair"),
     "PairGradMode": (PairGradMode, "Grad"),
+    "PairExtParam": (PairExtParam, "Ext"),
+    "PairValue": (PairValue, "Value"),
+    "PairMiner": (PairMiner, "Miner"),
+    "PairPick": (PairPick, "Pick"),
     "SoftmaxTransform": (SoftmaxTransform, ""),
     "SoftmaxStat": (SoftmaxStat, "Sm"),
     "SoftmaxParam": (SoftmaxParam, "P"),
+    "SoftmaxPool": (SoftmaxPool, "Pool"),
+    "ProxyAnchorStat": (ProxyAnchorStat, "Pa"),
     "CGStatus": (CGStatus, ""),
 }

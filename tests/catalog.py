@@ -80,6 +80,38 @@ def _pairwise_case(name, params, smooth):
     return Case(label, build, call, op="pairwise_loss", backends=backends, second_order="raises", smooth=smooth)
 
 
+# The losses ported from pytorch-metric-learning on the pair engine (CPU kernels; MarginLoss on
+# the per-anchor-parameter op; N-pairs on the fused linear softmax op).
+_PORTED = [
+    ("generalized_lifted_structure_loss", dict(neg_margin=1.0, pos_margin=0.1), "pairwise_loss", True),
+    ("tuplet_margin_loss", dict(margin=0.1, scale=8.0), "pairwise_loss", True),
+    ("fastap_loss", dict(num_bins=6), "pairwise_loss", False),
+    ("margin_based_loss", dict(margin=0.2, beta=1.1), "pairwise_loss_rowparam", False),
+]
+
+
+def _ported_case(name, params, op, smooth):
+    fn = getattr(slf, name)
+
+    def build(B, dtype, gen):
+        return [_randn(gen, B, 5, dtype=dtype)], dict(labels=_labels(gen, B, max(B // 3, 2)))
+
+    def call(backend, reduction, x, labels):
+        return fn(x, labels, backend=backend, reduction=reduction, **params)
+
+    return Case(name, build, call, op=op, backends=("cpu",), second_order="raises", smooth=smooth)
+
+
+def _npairs():
+    def build(B, dtype, gen):
+        return [_randn(gen, B, 5, dtype=dtype)], dict(labels=_labels(gen, B, max(B // 2, 1)))
+
+    def call(backend, reduction, x, labels):
+        return slf.npairs_loss(x, labels, reduction=reduction, backend=backend)
+
+    return Case("npairs_loss", build, call, op="linear_softmax_loss")
+
+
 # ---------------------------------------------------------------- softmax
 
 def _encouraging(probs: bool):
@@ -124,6 +156,37 @@ def _head(name, params, fused, smooth=True):
 
 _HEADS = [("normface_loss", dict(scale=4.0), True), ("cosface_loss", dict(margin=0.2, scale=4.0), True),
           ("arcface_loss", dict(margin=0.3, scale=4.0), True), ("circle_class_loss", dict(m=0.25, gamma=8.0), False)]
+
+
+def _proxy(name, params, classes, rows, fused, op, **kw):
+    """PML's proxy losses: `rows` proxy rows per class."""
+    fn = getattr(slf, name)
+
+    def build(B, dtype, gen):
+        return ([_randn(gen, B, 5, dtype=dtype), _randn(gen, classes * rows, 5, dtype=dtype)],
+                dict(labels=_labels(gen, B, classes)))
+
+    def call(backend, reduction, x, W, labels):
+        extra = {} if fused is None else dict(fused=fused)
+        return fn(x, W, labels, reduction=reduction, backend=backend, **extra, **params)
+
+    label = name if fused is None else f"{name}[{'fused' if fused else 'dense'}]"
+    return Case(label, build, call, op=op, **kw)
+
+
+_PROXIES = [
+    ("normalized_softmax_loss", dict(temperature=0.5), 7, 1, True, "linear_softmax_loss", {}),
+    ("normalized_softmax_loss", dict(temperature=0.5), 7, 1, False, "softmax_loss", {}),
+    ("proxy_nca_loss", dict(softmax_scale=2.0), 7, 1, True, "linear_softmax_loss", {}),
+    ("subcenter_arcface_loss", dict(sub_centers=2, scale=4.0), 7, 2, True, "pooled_linear_softmax_loss",
+     dict(backends=("cpu",), smooth=False, second_order="raises")),
+    ("subcenter_arcface_loss", dict(sub_centers=2, scale=4.0), 7, 2, False, "softmax_loss", dict(smooth=False)),
+    ("soft_triple_loss", dict(centers_per_class=2, la=4.0, gamma=0.5), 4, 2, True, "pooled_linear_softmax_loss",
+     dict(backends=("cpu",), second_order="raises")),
+    ("soft_triple_loss", dict(centers_per_class=2, la=4.0, gamma=0.5), 4, 2, False, "softmax_loss", {}),
+    ("proxy_anchor_loss", dict(margin=0.1, alpha=4.0), 7, 1, None, "proxy_anchor_loss",
+     dict(backends=("cpu",), smooth=False, second_order="raises")),
+]
 
 
 # ---------------------------------------------------------------- the others
@@ -244,8 +307,10 @@ def _adversarial(kind):
 
 CASES: list[Case] = (
     [_pairwise_case(*c) for c in _PAIRWISE]
+    + [_ported_case(*c) for c in _PORTED] + [_npairs()]
     + [_encouraging(False), _encouraging(True), _linear()]
     + [_head(n, p, fused, smooth) for n, p, smooth in _HEADS for fused in (True, False)]
+    + [_proxy(n, p, c, r, f, op, **kw) for n, p, c, r, f, op, kw in _PROXIES]
     + [_jem(), _mahalanobis("per_sample"), _mahalanobis("shared"), _mahalanobis("diagonal"), _imitation(), _seal()]
     + [_seal_energy(k) for k in ("nce_ranking_loss", "regression_loss", "margin_loss", "seal_task_loss")]
     + [_adversarial("pgd"), _adversarial("trades")]

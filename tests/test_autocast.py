@@ -14,7 +14,8 @@ from tests.catalog import CASES
 from tests.helpers import can_run, triton_device
 
 DTYPES = [torch.bfloat16, torch.float16]
-HEADS = {"normface_loss", "cosface_loss", "arcface_loss", "circle_class_loss"}
+HEADS = {"normface_loss", "cosface_loss", "arcface_loss", "circle_class_loss", "normalized_softmax_loss",
+         "proxy_nca_loss", "subcenter_arcface_loss", "soft_triple_loss"}
 # Losses whose inputs go through a network (its layers are autocast, as they should be).
 NETWORK = {"nce_ranking_loss", "regression_loss", "margin_loss", "seal_task_loss", "pgd_adversarial_loss",
            "trades_loss"}

@@ -31,7 +31,11 @@ enum PairLossKind : int64_t {
   kContrastive = 5,      // pos_margin, neg_margin
   kTripletAll = 6,       // margin
   kTripletHard = 7,      // margin
-  kNumPairLosses = 8,
+  kGenLifted = 8,        // pos_margin, neg_margin (generalized lifted structure)
+  kTupletMargin = 9,     // margin (radians), scale
+  kMarginAll = 10,       // margin; beta per anchor (pairwise_loss_rowparam only)
+  kFastAp = 11,          // num_bins
+  kNumPairLosses = 12,
 };
 
 // Facts about each pairwise loss, indexed by PairLossKind: how many terms it is the sum of
@@ -54,6 +58,10 @@ SLF_IDS_HD constexpr PairLossInfo pair_loss_info(int64_t kind) {
     case kContrastive:     return {2, 2, false, false};
     case kTripletAll:      return {1, 1, false, false};
     case kTripletHard:     return {1, 1, false, true};
+    case kGenLifted:       return {1, 2, false, false};
+    case kTupletMargin:    return {1, 2, true, false};
+    case kMarginAll:       return {1, 1, false, false};
+    case kFastAp:          return {1, 1, false, false};
     default:               return {0, 0, false, false};
   }
 }
@@ -77,6 +85,53 @@ enum PairGradMode : int64_t {
   kGradX = 1,     // of x
   kGradXRef = 2,  // of x and ref
   kNumPairGradModes = 3,
+};
+
+// Optional block at the end of pairwise_loss's `params`, after the loss's own parameters: the
+// pair values of a non-default distance and a fused miner (structloss_fast/pairwise/_ops.py
+// writes it; absent means kValueGemm, power 1, normalized rows, no miner). The Triton kernels
+// take no block: their check_supported refuses such problems.
+enum PairExtParam : int64_t {
+  kExtValue = 0,     // PairValue
+  kExtPower = 1,     // the distance's power q (kValueDistPow, kValueNegDistPow)
+  kExtRawNorms = 2,  // 1: rows not normalized; the gradient through their norms is added
+  kExtMiner = 3,     // PairMiner
+  kExtMiner0 = 4,    // the miner's parameters (PairMiner's comments)
+  kExtMiner1 = 5,
+  kExtMiner2 = 6,
+  kNumPairExtParams = 7,
+};
+
+// What a strip holds when the epilogue reads it. g = x_i . r_j (the GEMM); d = ||x_i - r_j||
+// from the rows' squared norms, sqrt(max(n_i + n_j - 2 g, 0)). The similarity losses read the
+// strip as their similarity; the distance losses (contrastive, triplet) compute d inline from
+// g (kValueGemm) or read the strip as their distance (the others).
+enum PairValue : int64_t {
+  kValueGemm = 0,        // g as it is (cosine or dot-product similarity; inline d)
+  kValueNegGemm = 1,     // -g: a similarity given to a distance loss
+  kValueDistPow = 2,     // d^q: a distance loss with a power
+  kValueNegDistPow = 3,  // -d^q: a distance given to a similarity loss
+  kNumPairValues = 4,
+};
+
+// A miner fused into the loss's pass. Its rules are written on u = the pair value oriented as
+// a similarity (u = v for the similarity losses, -v for the distance losses), so one rule
+// serves both orientations; Python converts PML's thresholds to u.
+enum PairMiner : int64_t {
+  kMinerNone = 0,
+  kMinerMultiSimilarity = 1,  // epsilon: positive kept if u - eps < max_N u, negative if u + eps > min_P u
+  kMinerPairMargin = 2,       // (pos, neg): positive kept if u < pos, negative if u > neg
+  kMinerTripletWindow = 3,    // (lo, hi): triplet kept if lo < u_ap - u_an <= hi (TripletMarginMiner)
+  kMinerEasyHard = 4,         // (pos pick, neg pick) as PairPick: one triplet per anchor (BatchEasyHardMiner)
+  kNumPairMiners = 5,
+};
+
+// BatchEasyHardMiner's choice of an anchor's positive or negative.
+enum PairPick : int64_t {
+  kPickHard = 0,      // positive: least similar; negative: most similar
+  kPickEasy = 1,      // positive: most similar; negative: least similar
+  kPickSemihard = 2,  // relative to the other pick: positive more similar than it (the least so), negative less
+  kNumPairPicks = 3,
 };
 
 // ---- softmax family ----
@@ -117,6 +172,23 @@ enum SoftmaxParam : int64_t {
   kPT0 = 4,
   kPT1 = 5,
   kNumSoftmaxParams = 6,
+};
+
+// The `pool` argument of pooled_linear_softmax_loss: how the K similarities of a class's K
+// centers (weight rows c K .. c K + K - 1) become the class's value before the logit transform.
+enum SoftmaxPool : int64_t {
+  kPoolMax = 0,      // max_k s_ck (SubCenterArcFace); the gradient goes to the first maximum
+  kPoolSoftAvg = 1,  // sum_k softmax_k(g s_ck) s_ck, g = pool_param (SoftTriple's 1 / gamma)
+  kNumSoftmaxPools = 2,
+};
+
+// Columns of proxy_anchor_loss's per-class statistics (C x kNumProxyAnchorStats).
+enum ProxyAnchorStat : int64_t {
+  kPaPosTerm = 0,  // log(1 + sum_{i: y_i = c} exp(-alpha (s_ic - margin))), 0 without such rows
+  kPaNegTerm = 1,  // log(1 + sum_{i: y_i != c} exp(alpha (s_ic + margin))), 0 without such rows
+  kPaNumPos = 2,   // rows of class c
+  kPaNumNeg = 3,   // rows of another class
+  kNumProxyAnchorStats = 4,
 };
 
 // ---- taskmet family (conjugate gradients) ----

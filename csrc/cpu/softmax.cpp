@@ -829,6 +829,26 @@ void check_linear_inputs(const Tensor& input, const Tensor& weight, const std::o
               "structloss_fast: target must be (N,) int64");
 }
 
+// The per-row scale of the chunked ops' gradients: the forward's are of the unit-weight sum, the
+// backward's of sum_i row_weights[i] l_i.
+Tensor chunked_row_scale(const std::optional<Tensor>& row_weights, bool backward_mode, int64_t N, const Tensor& x) {
+  if (!backward_mode) return at::ones({N}, x.options());
+  TORCH_CHECK(row_weights->dim() == 1 && row_weights->size(0) == N, "structloss_fast: row_weights must be (N,)");
+  return row_weights->to(x.scalar_type()).contiguous();
+}
+
+// fn(T(0), transform id as an integral_constant, Transform<T>, ElParams<T>) for the row kernel of
+// the chunked ops in accumulation dtype acc.
+template <typename Fn>
+void with_row_kernel(at::ScalarType acc, int64_t transform, at::ArrayRef<double> params, Fn&& fn) {
+  AT_DISPATCH_FLOATING_TYPES(acc, "structloss_fast_chunked_softmax_loss", [&] {
+    using T = scalar_t;
+    const Transform<T> tr(transform, static_cast<T>(params[kPT0]), static_cast<T>(params[kPT1]));
+    const ElParams<T> el(params[kPLogEnd], params[kPRho], params[kPSmooth], params[kPEps]);
+    with_transform(transform, [&](auto k) { fn(T(0), k, tr, el); });
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_run(
     const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& target,
     const std::optional<Tensor>& class_weight, const std::optional<Tensor>& row_weights,
@@ -857,26 +877,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_run(
   Tensor gb = at::zeros({grad_mask[2] ? C : 0}, x.options());
   const Chunking ch = choose_chunking(N, C, row_chunk, class_tile);
   LinearSpec spec{ignore_index, transform, grad_mask};
-  // The forward's gradients are of the unit-weight sum; the backward's of sum_i row_weights[i] l_i.
-  Tensor row_scale;
-  if (backward_mode) {
-    TORCH_CHECK(row_weights->dim() == 1 && row_weights->size(0) == N, "structloss_fast: row_weights must be (N,)");
-    row_scale = row_weights->to(acc).contiguous();
-  } else {
-    row_scale = at::ones({N}, x.options());
+  const Tensor row_scale = chunked_row_scale(row_weights, backward_mode, N, x);
+  if (N > 0) {
+    with_row_kernel(acc, transform, params, [&](auto t0, auto k, const auto& tr, const auto& el) {
+      using T = decltype(t0);
+      linear_driver<T, decltype(k)::value>(x, W, b, tgt, cw.data_ptr<T>(), stats, row_scale, spec, tr, el, ch,
+                                           backward_mode, want_grad, gx, gW, gb);
+    });
   }
-  AT_DISPATCH_FLOATING_TYPES(acc, "structloss_fast_linear_softmax_loss", [&] {
-    using T = scalar_t;
-    const Transform<T> tr(transform, static_cast<T>(params[kPT0]), static_cast<T>(params[kPT1]));
-    const ElParams<T> el(params[kPLogEnd], params[kPRho], params[kPSmooth], params[kPEps]);
-    if (N > 0) {
-      with_transform(transform, [&](auto k) {
-        constexpr int64_t K = decltype(k)::value;
-        linear_driver<T, K>(x, W, b, tgt, cw.data_ptr<T>(), stats, row_scale, spec, tr, el, ch, backward_mode, want_grad,
-                            gx, gW, gb);
-      });
-    }
-  });
   return {stats, gx.to(dt), gW.to(dt), gb.to(dt)};
 }
 
@@ -900,6 +908,206 @@ std::tuple<Tensor, Tensor, Tensor> linear_softmax_loss_backward_cpu(
   return {std::get<1>(out), std::get<2>(out), std::get<3>(out)};
 }
 
+// ---------------------------------------------------------------- pooled fused linear
+
+// Classes with K centers each (weight rows k C + c, group-major): the chunk's similarities to the
+// centers (rows x K C, one GEMM) are pooled to one value per class (rows x C), the row kernel
+// turns those into statistics and the gradient in place, the gradient is spread back over the
+// centers (the pool's derivative) and two GEMMs accumulate the input gradients. Memory: one
+// chunk of rows x C K and three of rows x C, never N x C K.
+
+struct PoolSpec {
+  int64_t kind, group;
+  double param;
+};
+
+// Pools rows [b, e) of S (t x K C, center k of class c in column k C + c) into P (t x C); A
+// keeps what the pool's derivative needs: the index of the maximum (max) or
+// log sum_k exp(g s_kc) (soft average), and V a copy of the pooled value (soft average). The
+// group-major layout makes every pass a contiguous, vectorized sweep over the classes.
+template <typename T>
+SLF_CPU_MULTIVERSION void pool_rows(const T* S, T* P, T* A, T* V, int64_t C, const PoolSpec& ps, int64_t b,
+                                    int64_t e) {
+  const int64_t K = ps.group;
+  const T g = static_cast<T>(ps.param);
+  for (int64_t i = b; i < e; ++i) {
+    const T* s = S + i * C * K;
+    T* p = P + i * C;
+    T* a = A + i * C;
+    std::copy(s, s + C, p);
+    if (ps.kind == kPoolMax) {
+      std::fill(a, a + C, T(0));
+      for (int64_t k = 1; k < K; ++k) {
+        const T* sk = s + k * C;
+        const T kk = static_cast<T>(k);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          // A NaN similarity becomes the class's value (as torch.max), and stays.
+          const bool take = sk[c] > p[c] || (sk[c] != sk[c] && p[c] == p[c]);
+          p[c] = take ? sk[c] : p[c];
+          a[c] = take ? kk : a[c];
+        }
+      }
+      continue;
+    }
+    T* v = V + i * C;  // the maximum first (in a), then the sums (in p and v)
+    std::copy(s, s + C, a);
+    for (int64_t k = 1; k < K; ++k) {
+      const T* sk = s + k * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) a[c] = sk[c] > a[c] ? sk[c] : a[c];
+    }
+    std::fill(p, p + C, T(0));
+    std::fill(v, v + C, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T* sk = s + k * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T w = exp_fast(g * (sk[c] - a[c]));
+        v[c] += w;           // z
+        p[c] += w * sk[c];   // numerator
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const T z = v[c];
+      a[c] = g * a[c] + log_(z);
+      p[c] = p[c] / z;
+      v[c] = p[c];
+    }
+  }
+}
+
+// Spreads the pooled gradient G (t x C) over the centers, in place in S (t x K C): max: to the
+// maximum; soft average: dp_c / ds_kc = q_k (1 + g (s_kc - p_c)), q = softmax_k(g s_.c).
+template <typename T>
+SLF_CPU_MULTIVERSION void unpool_rows(T* S, const T* G, const T* A, const T* V, int64_t C, const PoolSpec& ps,
+                                      int64_t b, int64_t e) {
+  const int64_t K = ps.group;
+  const T g = static_cast<T>(ps.param);
+  for (int64_t i = b; i < e; ++i) {
+    T* s = S + i * C * K;
+    const T* gr = G + i * C;
+    const T* a = A + i * C;
+    if (ps.kind == kPoolMax) {
+      for (int64_t k = 0; k < K; ++k) {
+        T* sk = s + k * C;
+        const T kk = static_cast<T>(k);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) sk[c] = a[c] == kk ? gr[c] : T(0);
+      }
+      continue;
+    }
+    const T* v = V + i * C;
+    for (int64_t k = 0; k < K; ++k) {
+      T* sk = s + k * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T q = exp_fast(g * sk[c] - a[c]);
+        sk[c] = gr[c] * q * (T(1) + g * (sk[c] - v[c]));
+      }
+    }
+  }
+}
+
+template <typename T, int64_t Kt>
+void pooled_driver(const Tensor& x, const Tensor& W, const Tensor& target, const T* cw, Tensor& stats,
+                   const Tensor& row_scale, int64_t ignore_index, const PoolSpec& ps, const Transform<T>& tr,
+                   const ElParams<T>& el, bool backward_mode, std::array<bool, 2> grad_mask, Tensor& gx, Tensor& gW) {
+  const int64_t N = x.size(0), CK = W.size(0), C = CK / ps.group;
+  const bool want_grad = grad_mask[0] || grad_mask[1];
+  int64_t rows = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(CK, 1));
+  if (rows >= 16) rows -= rows % 16;
+  rows = std::min(rows, N);
+  Tensor S = at::empty({rows, CK}, x.options());
+  Tensor P = at::empty({rows, C}, x.options());
+  Tensor A = at::empty({rows, C}, x.options());
+  Tensor V = at::empty({ps.kind == kPoolSoftAvg ? rows : 0, C}, x.options());
+  const Tensor Wt = W.t();
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  T* stats_p = stats.data_ptr<T>();
+  const T* scale_p = row_scale.data_ptr<T>();
+  const int64_t pool_grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(CK, 1));
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t t = std::min(rows, N - r0);
+    Tensor s = S.narrow(0, 0, t);
+    const Tensor xr = x.narrow(0, r0, t);
+    at::mm_out(s, xr, Wt);
+    T* Sp = s.data_ptr<T>();
+    T* Pp = P.data_ptr<T>();
+    T* Ap = A.data_ptr<T>();
+    T* Vp = V.numel() ? V.data_ptr<T>() : nullptr;
+    at::parallel_for(0, t, pool_grain, [&](int64_t b, int64_t e) { pool_rows(Sp, Pp, Ap, Vp, C, ps, b, e); });
+    RowsArgs<T, T, T> a{Pp, want_grad ? Pp : nullptr, C, C, C, tgt + r0, ignore_index, cw,
+                        stats_p + r0 * kNumSoftmaxStats, scale_p + r0, T(1), &tr, &el};
+    at::parallel_for(0, t, row_grain(C), [&](int64_t b, int64_t e) {
+      if (backward_mode) {
+        backward_rows<Kt>(a, b, e);
+      } else {
+        forward_rows<Kt>(a, b, e);
+      }
+    });
+    if (!want_grad) continue;
+    at::parallel_for(0, t, pool_grain, [&](int64_t b, int64_t e) { unpool_rows(Sp, Pp, Ap, Vp, C, ps, b, e); });
+    if (grad_mask[0]) gx.narrow(0, r0, t).addmm_(s, W);
+    if (grad_mask[1]) gW.addmm_(s.t(), xr);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> pooled_run(const Tensor& input, const Tensor& weight, const Tensor& target,
+                                              const std::optional<Tensor>& class_weight,
+                                              const std::optional<Tensor>& row_weights,
+                                              const std::optional<Tensor>& row_stats_in, int64_t ignore_index,
+                                              int64_t transform, at::ArrayRef<double> params, int64_t pool,
+                                              int64_t group, double pool_param, std::array<bool, 2> grad_mask,
+                                              bool backward_mode) {
+  check_linear_inputs(input, weight, std::nullopt, target);
+  check_params(transform, params);
+  TORCH_CHECK(pool >= 0 && pool < kNumSoftmaxPools, "structloss_fast: unknown pool id ", pool);
+  TORCH_CHECK(group >= 1 && weight.size(0) % group == 0,
+              "structloss_fast: weight must have group (", group, ") rows per class, got ", weight.size(0), " rows");
+  const int64_t N = input.size(0), H = input.size(1), C = weight.size(0) / group;
+  TORCH_CHECK(C > 0 || N == 0, "structloss_fast: pooled linear softmax loss needs at least one class");
+  const at::ScalarType dt = input.scalar_type();
+  const at::ScalarType acc = at::toOpMathType(dt);
+  const Tensor x = input.to(acc).contiguous();
+  const Tensor W = weight.to(acc).contiguous();
+  const Tensor tgt = target.contiguous();
+  Tensor cw = class_weights_or_ones(class_weight, C, acc);
+  check_targets(tgt, C, ignore_index);
+  Tensor stats = backward_mode ? row_stats_in->to(acc).contiguous() : at::empty({N, kNumSoftmaxStats}, x.options());
+  Tensor gx = at::zeros({grad_mask[0] ? N : 0, H}, x.options());
+  Tensor gW = at::zeros({grad_mask[1] ? weight.size(0) : 0, H}, x.options());
+  const Tensor row_scale = chunked_row_scale(row_weights, backward_mode, N, x);
+  const PoolSpec ps{pool, group, pool_param};
+  if (N > 0) {
+    with_row_kernel(acc, transform, params, [&](auto t0, auto k, const auto& tr, const auto& el) {
+      using T = decltype(t0);
+      pooled_driver<T, decltype(k)::value>(x, W, tgt, cw.data_ptr<T>(), stats, row_scale, ignore_index, ps, tr, el,
+                                           backward_mode, grad_mask, gx, gW);
+    });
+  }
+  return {stats, gx.to(dt), gW.to(dt)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> pooled_linear_softmax_loss_cpu(
+    const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& class_weight,
+    int64_t ignore_index, int64_t transform, at::ArrayRef<double> params, int64_t pool, int64_t group,
+    double pool_param, std::array<bool, 2> grad_mask) {
+  return pooled_run(input, weight, target, class_weight, std::nullopt, std::nullopt, ignore_index, transform, params,
+                    pool, group, pool_param, grad_mask, false);
+}
+
+std::tuple<Tensor, Tensor> pooled_linear_softmax_loss_backward_cpu(
+    const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& class_weight,
+    const Tensor& row_stats, const Tensor& row_weights, int64_t ignore_index, int64_t transform,
+    at::ArrayRef<double> params, int64_t pool, int64_t group, double pool_param, std::array<bool, 2> grad_mask) {
+  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == input.size(0) && row_stats.size(1) == kNumSoftmaxStats,
+              "structloss_fast: row_stats must be (N, ", kNumSoftmaxStats, ")");
+  auto out = pooled_run(input, weight, target, class_weight, row_weights, row_stats, ignore_index, transform, params,
+                        pool, group, pool_param, grad_mask, true);
+  return {std::get<1>(out), std::get<2>(out)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(structloss_fast, CPU, m) {
@@ -907,6 +1115,8 @@ TORCH_LIBRARY_IMPL(structloss_fast, CPU, m) {
   m.impl("softmax_loss_backward", &softmax_loss_backward_cpu);
   m.impl("linear_softmax_loss", &linear_softmax_loss_cpu);
   m.impl("linear_softmax_loss_backward", &linear_softmax_loss_backward_cpu);
+  m.impl("pooled_linear_softmax_loss", &pooled_linear_softmax_loss_cpu);
+  m.impl("pooled_linear_softmax_loss_backward", &pooled_linear_softmax_loss_backward_cpu);
 }
 
 }  // namespace structloss_fast

@@ -155,8 +155,10 @@ void dispatch(const at::Tensor& S, const at::Tensor& labels, const PairwiseSpec&
   });
 }
 
-void cuda_forward(at::Tensor& S, int64_t row0, const at::Tensor& labels, const at::Tensor& ref_labels,
-                  const PairwiseSpec& spec, bool want_grad, at::Tensor& row_stats) {
+void cuda_forward(at::Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec, bool want_grad,
+                  at::Tensor& row_stats) {
+  const at::Tensor& labels = rows.labels;
+  const at::Tensor& ref_labels = rows.ref_labels;
   if (S.size(0) == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(S, labels, spec, [&](auto t0, auto l0, auto lg, auto combine, bool row_counted) {
@@ -169,8 +171,10 @@ void cuda_forward(at::Tensor& S, int64_t row0, const at::Tensor& labels, const a
   });
 }
 
-void cuda_backward(at::Tensor& S, int64_t row0, const at::Tensor& labels, const at::Tensor& ref_labels,
-                   const PairwiseSpec& spec, const at::Tensor& row_stats, const at::Tensor& row_weights) {
+void cuda_backward(at::Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec,
+                   const at::Tensor& row_stats, const at::Tensor& row_weights) {
+  const at::Tensor& labels = rows.labels;
+  const at::Tensor& ref_labels = rows.ref_labels;
   if (S.size(0) == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor w0 = row_weights.select(1, 0).contiguous();
@@ -199,6 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_cuda(
     int64_t self_offset, bool ref_is_x, int64_t loss, at::ArrayRef<double> params, int64_t grad_mode) {
   const c10::cuda::CUDAGuard guard(x.device());
   const PairwiseSpec spec = make_pairwise_spec(loss, params, self_offset, ref_is_x);
+  TORCH_CHECK(spec.miner == kMinerNone, "structloss_fast: fused miners run on the CPU backend only");
   return pairwise_forward_driver(x, labels, ref, ref_labels, spec, grad_mode, pick(loss));
 }
 
@@ -208,6 +213,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_loss_backward_cuda(
     at::ArrayRef<double> params, bool ref_grad) {
   const c10::cuda::CUDAGuard guard(x.device());
   const PairwiseSpec spec = make_pairwise_spec(loss, params, self_offset, ref_is_x);
+  TORCH_CHECK(spec.miner == kMinerNone, "structloss_fast: fused miners run on the CPU backend only");
   return pairwise_backward_driver(x, labels, ref, ref_labels, row_stats, row_weights, spec, ref_grad, pick(loss));
 }
 

@@ -50,22 +50,42 @@ def _pml(cls_name, **kw):
     return setup
 
 
-def mm_floor(size, device):
-    """The three (B x D) @ (D x B) products of a fused forward+backward, alone (torch.mm).
-    Above 8192 rows the products are taken in 8192-row chunks (same FLOPs, bounded memory)."""
-    x, _ = make_batch(size, device, requires_grad=False)
-    B = x.shape[0]
-    chunk = min(B, 8192)
-    out = torch.empty(chunk, B, device=device, dtype=x.dtype)
-    xt = x.t()
+def gemm_floor(products: int):
+    """`products` (B x D) @ (D x B) products alone (torch.mm): three are what a strip engine's
+    forward+backward multiplies, two the symmetric engine's (each pair once, used for both of
+    its anchors). Above 8192 rows the products are taken in 8192-row chunks (same FLOPs,
+    bounded memory)."""
+    def setup(size, device):
+        x, _ = make_batch(size, device, requires_grad=False)
+        B = x.shape[0]
+        chunk = min(B, 8192)
+        out = torch.empty(chunk, B, device=device, dtype=x.dtype)
+        xt = x.t()
 
-    def run():
-        for _ in range(3):
-            for r in range(0, B, chunk):
-                n = min(chunk, B - r)
-                torch.mm(x[r:r + n], xt, out=out[:n])
+        def run():
+            for _ in range(products):
+                for r in range(0, B, chunk):
+                    n = min(chunk, B - r)
+                    torch.mm(x[r:r + n], xt, out=out[:n])
 
-    return run
+        return run
+
+    return setup
+
+
+mm_floor = gemm_floor(3)
+two_gemm_floor = gemm_floor(2)
+
+
+def strip_engine(provider):
+    """The same provider with the symmetric engine switched off (the strip engine's three products)."""
+    def setup(size, device):
+        import os
+
+        os.environ["STRUCTLOSS_FAST_PAIRWISE_SYMMETRIC"] = "0"  # each provider runs in its own process
+        return provider(size, device)
+
+    return setup
 
 
 def dense_skip(provider, size, device):
@@ -84,15 +104,17 @@ register(Case(
     description="Circle loss (m=0.4, gamma=80), D=128, ~4 samples per class",
     providers={
         "structloss_fast": fwd_bwd(_slf("circle_loss")),
+        "structloss_fast:strips": strip_engine(fwd_bwd(_slf("circle_loss"))),
         "structloss_fast:cuda-strip": fwd_bwd(_slf("circle_loss", backend="cuda")),
         "pml": _pml("CircleLoss", m=0.4, gamma=80),
         "dense_reference": fwd_bwd(_reference("circle_loss")),
         "mm_floor": mm_floor,
+        "two_gemm_floor": two_gemm_floor,
     },
     sizes=[{"B": 8192, "D": 128}],
     full_sizes=[{"B": 2048, "D": 128}, {"B": 8192, "D": 128}, {"B": 65536, "D": 128}],
-    reference_points=("mm_floor",),
-    ours=("structloss_fast", "structloss_fast:cuda-strip"),
+    reference_points=("mm_floor", "two_gemm_floor"),
+    ours=("structloss_fast", "structloss_fast:strips", "structloss_fast:cuda-strip"),
     skip=dense_skip,
 ))
 
@@ -124,7 +146,8 @@ register(Case(
 ))
 
 
-def pml_skip(limits):
+def pml_skip(limits, limits_reason="PML materializes a (positive pairs) x (negative pairs) tensor: out of memory "
+                                   "at this B"):
     """Skip PML where its documented memory blow-up makes the run impossible on 24 GB."""
     def skip(provider, size, device):
         if provider.startswith("structloss_fast:") and device != "cuda":
@@ -132,7 +155,6 @@ def pml_skip(limits):
         if provider == "pml" and device == "cpu" and size["B"] > limits:
             return limits_reason
         return None
-    limits_reason = "PML materializes a (positive pairs) x (negative pairs) tensor: out of memory at this B"
     return skip
 
 
@@ -144,18 +166,22 @@ for _name, _pml_name, _fn, _kw, _default_b, _pml_limit in [
     ("contrastive_loss", "ContrastiveLoss", "contrastive_loss", {}, 2048, 10**9),
     ("triplet_margin_loss_all", "TripletMarginLoss", "triplet_margin_loss", {}, 1024, 10**9),
 ]:
+    _symmetric = _fn in ("multi_similarity_loss", "supcon_loss", "contrastive_loss")
     register(Case(
         family="pairwise",
         name=_name,
         description=f"{_fn} (PML defaults), D=128, ~4 samples per class",
         providers={
             "structloss_fast": fwd_bwd(_slf(_fn, **_kw)),
+            **({"structloss_fast:strips": strip_engine(fwd_bwd(_slf(_fn, **_kw)))} if _symmetric else {}),
             "structloss_fast:cuda-strip": fwd_bwd(_slf(_fn, backend="cuda", **_kw)),
             "pml": _pml(_pml_name),
+            **({"two_gemm_floor": two_gemm_floor} if _symmetric else {}),
         },
         sizes=[{"B": _default_b, "D": 128}],
         full_sizes=[{"B": 8192, "D": 128}],
-        ours=("structloss_fast", "structloss_fast:cuda-strip"),
+        ours=("structloss_fast", "structloss_fast:strips", "structloss_fast:cuda-strip"),
+        reference_points=("two_gemm_floor",),
         skip=pml_skip(_pml_limit),
     ))
 
@@ -197,3 +223,173 @@ register(Case(
     ours=("structloss_fast", "structloss_fast:cuda-strip"),
     skip=pml_skip(768),
 ))
+
+
+# ---------------------------------------------------------------- PML's keywords: miners, tuples, reducers
+
+
+def _mined(loss_fn, miner_fn):
+    """loss(x, y, miner(x, y)): both built once, as in a training loop."""
+    def setup(size, device):
+        loss, miner = loss_fn(), miner_fn()
+        return fwd_bwd(lambda x, y: loss(x, y, miner(x, y)))(size, device)
+
+    return setup
+
+
+def _ours(cls, *args, **kw):
+    def make():
+        import structloss_fast as slf
+
+        return getattr(slf, cls)(*args, **kw)
+
+    return make
+
+
+def _theirs(module, cls, *args, **kw):
+    def make():
+        import importlib
+
+        return getattr(importlib.import_module(f"pytorch_metric_learning.{module}"), cls)(*args, **kw)
+
+    return make
+
+
+# (case, our loss, our miner, PML's loss, PML's miner, default B): the miner fused into its loss's
+# pass (ours) against PML's miner + loss, each in its training-loop form.
+for _name, _ol, _om, _tl, _tm, _b in [
+    ("multi_similarity_loss_mined", _ours("MultiSimilarityLoss"), _ours("MultiSimilarityMiner", 0.1),
+     _theirs("losses", "MultiSimilarityLoss"), _theirs("miners", "MultiSimilarityMiner", 0.1), 2048),
+    ("circle_loss_ms_miner", _ours("CircleLoss"), _ours("MultiSimilarityMiner", 0.1),
+     _theirs("losses", "CircleLoss"), _theirs("miners", "MultiSimilarityMiner", 0.1), 2048),
+    ("contrastive_loss_pair_margin_miner", _ours("ContrastiveLoss"), _ours("PairMarginMiner"),
+     _theirs("losses", "ContrastiveLoss"), _theirs("miners", "PairMarginMiner"), 2048),
+    ("triplet_margin_loss_semihard_miner", _ours("TripletMarginLoss", 0.1),
+     _ours("TripletMarginMiner", 0.2, "semihard"), _theirs("losses", "TripletMarginLoss", 0.1),
+     _theirs("miners", "TripletMarginMiner", 0.2, "semihard"), 1024),
+    ("triplet_margin_loss_easy_semihard_miner", _ours("TripletMarginLoss", 0.1), _ours("BatchEasyHardMiner"),
+     _theirs("losses", "TripletMarginLoss", 0.1), _theirs("miners", "BatchEasyHardMiner"), 2048),
+]:
+    register(Case(
+        family="pairwise",
+        name=_name,
+        description="a miner and its loss as a PML training loop calls them (ours: the miner fused into the "
+                    "loss's pass), D=128, ~4 samples per class",
+        providers={"structloss_fast": _mined(_ol, _om), "pml": _mined(_tl, _tm)},
+        sizes=[{"B": _b, "D": 128}],
+        full_sizes=[{"B": 8192, "D": 128}],
+        # PML's TripletMarginMiner lists every triplet from a B x B x B mask (8 GB at B = 2048).
+        skip=pml_skip(1024 if _name == "triplet_margin_loss_semihard_miner" else 10**9),
+    ))
+
+
+def _listed_tuple(loss_fn):
+    """The loss on a PML miner's tuple (mined once, outside the measured step)."""
+    def setup(size, device):
+        from pytorch_metric_learning import miners
+
+        loss = loss_fn()
+        x, y = make_batch(size, device)
+        t = miners.PairMarginMiner(pos_margin=0.2, neg_margin=1.2)(x, y)
+
+        def run():
+            loss(x, y, t).backward()
+            x.grad = None
+
+        return run
+
+    return setup
+
+
+register(Case(
+    family="pairwise",
+    name="contrastive_loss_given_tuple",
+    description="ContrastiveLoss on a given indices_tuple (PML's PairMarginMiner(0.2, 1.2) pairs: the positives and "
+                "the negatives nearer than 1.2): ours reads the listed pairs only (O(pairs x D)), PML builds the B x B "
+                "distance matrix",
+    providers={"structloss_fast": _listed_tuple(_ours("ContrastiveLoss")),
+               "pml": _listed_tuple(_theirs("losses", "ContrastiveLoss"))},
+    sizes=[{"B": 2048, "D": 128}],
+    full_sizes=[{"B": 8192, "D": 128}],
+    skip=pml_skip(10**9),
+))
+
+
+def _with_reducer(loss_fn, reducer_fn):
+    def setup(size, device):
+        loss = loss_fn(reducer=reducer_fn())
+        return fwd_bwd(lambda x, y: loss(x, y))(size, device)
+
+    return setup
+
+
+register(Case(
+    family="pairwise",
+    name="circle_loss_threshold_reducer",
+    description="CircleLoss with ThresholdReducer(low=1, high=200) (the reducer over the per-anchor losses, "
+                "exact gradient through the recomputing backward)",
+    providers={
+        "structloss_fast": _with_reducer(lambda **kw: _ours("CircleLoss", **kw)(),
+                                         _ours("ThresholdReducer", 1.0, 200.0)),
+        "pml": _with_reducer(lambda **kw: _theirs("losses", "CircleLoss", **kw)(),
+                             _theirs("reducers", "ThresholdReducer", 1.0, 200.0)),
+    },
+    sizes=[{"B": 2048, "D": 128}],
+    full_sizes=[{"B": 8192, "D": 128}],
+    skip=pml_skip(10**9),
+))
+
+
+def _miner_only(miner_fn):
+    def setup(size, device):
+        miner = miner_fn()
+        x, y = make_batch(size, device, requires_grad=False)
+
+        def run():
+            tuple(miner(x, y))  # materialized
+
+        return run
+
+    return setup
+
+
+register(Case(
+    family="pairwise",
+    name="multi_similarity_miner_tuples",
+    description="MultiSimilarityMiner's index tuples alone (ours in strips of anchors, never B x B)",
+    providers={"structloss_fast": _miner_only(_ours("MultiSimilarityMiner", 0.1)),
+               "pml": _miner_only(_theirs("miners", "MultiSimilarityMiner", 0.1))},
+    sizes=[{"B": 2048, "D": 128}],
+    full_sizes=[{"B": 8192, "D": 128}],
+    mode="forward",
+))
+
+
+# ---------------------------------------------------------------- the losses ported from PML
+
+# (case, PML class, our function, default B, PML's largest B here, what PML builds densely)
+for _name, _pml_name, _fn, _default_b, _limit, _why in [
+    ("generalized_lifted_structure_loss", "GeneralizedLiftedStructureLoss", "generalized_lifted_structure_loss", 2048,
+     8192, "B x B masks and distances"),
+    ("npairs_loss", "NPairsLoss", "npairs_loss", 2048, 8192, "B x B label matches to find the pairs"),
+    ("tuplet_margin_loss", "TupletMarginLoss", "tuplet_margin_loss", 256, 256,
+     "PML materializes a (positive pairs) x (negative pairs) tensor, about 3 B^3 values: out of memory above B = 256"),
+    ("margin_loss", "MarginLoss", "margin_based_loss", 1024, 2048,
+     "PML lists every triplet (about 3 B^2 index triples and B^3 bytes of masks): out of memory above B = 2048"),
+    ("fastap_loss", "FastAPLoss", "fastap_loss", 2048, 4096,
+     "PML builds (num_bins + 1) x B x B pulses several times: out of memory above B = 4096"),
+]:
+    register(Case(
+        family="pairwise",
+        name=_name,
+        description=f"{_fn} (PML's defaults) vs PML's {_pml_name}, D=128, ~4 samples per class",
+        providers={
+            "structloss_fast": fwd_bwd(_slf(_fn)),
+            "structloss_fast:cuda-strip": fwd_bwd(_slf(_fn, backend="cuda")),
+            "pml": _pml(_pml_name),
+        },
+        sizes=[{"B": _default_b, "D": 128}],
+        full_sizes=[{"B": b, "D": 128} for b in sorted({_limit, 8192})],
+        ours=("structloss_fast", "structloss_fast:cuda-strip"),
+        skip=pml_skip(_limit, _why),
+    ))

@@ -127,10 +127,14 @@ def gemm_floor(size, device):
     """The three (N x H) (H x C) products of a fused linear forward+backward, alone (torch.mm on
     8192-row chunks): the time no fused linear loss can beat on this machine."""
     x, W, b, y = linear_batch(size, device)
-    x, W = x.detach(), W.detach()
+    return three_gemms(x.detach(), W.detach())
+
+
+def three_gemms(x, W):
+    """A run of x W^T, then G W and G^T x with G that product, in chunks of 8M products."""
     N, C = x.shape[0], W.shape[0]
     rows = max(1, min(N, (1 << 23) // C))
-    out = torch.empty(rows, C, device=device, dtype=x.dtype)
+    out = torch.empty(rows, C, device=x.device, dtype=x.dtype)
     gx = torch.empty_like(x)
     gw = torch.empty_like(W)
 
@@ -260,3 +264,88 @@ register(Case(
     ours=("structloss_fast", "structloss_fast:unfused"),
     skip=full_only("structloss_fast:unfused", default_sizes=COSFACE_SIZES),
 ))
+
+
+# ---------------------------------------------------------------- the proxy losses ported from PML
+
+PROXY_SIZES = [{"N": 1024, "D": 128, "C": 2000}]
+PROXY_FULL = [{"N": 8192, "D": 128, "C": 10000}]
+# SoftTriple has 10 centers per class: C = 1000 gives the same 10000 similarities per row.
+SOFT_TRIPLE_SIZES = [{"N": 1024, "D": 128, "C": 200}]
+SOFT_TRIPLE_FULL = [{"N": 8192, "D": 128, "C": 1000}]
+
+
+def _proxy_step(make):
+    """A Module's forward + backward on an embeddings batch, its proxies' gradients cleared."""
+    def setup(size, device):
+        x, y = embeddings_batch(size, device)
+        mod = make(size).to(device)
+        params = list(mod.parameters())
+
+        def run():
+            mod(x, y).backward()
+            x.grad = None
+            for p in params:
+                p.grad = None
+
+        return run
+
+    return setup
+
+
+def _ours(cls_name, **kw):
+    def make(size):
+        import structloss_fast as slf
+
+        cls = getattr(slf, cls_name)
+        if cls_name == "SubCenterArcFaceLoss":
+            return cls(num_classes=size["C"], embedding_size=size["D"], **kw)
+        return cls(size["C"], size["D"], **kw)
+
+    return _proxy_step(make)
+
+
+def _theirs(cls_name):
+    def make(size):
+        from pytorch_metric_learning import losses
+
+        cls = getattr(losses, cls_name)
+        if cls_name == "SubCenterArcFaceLoss":
+            return cls(num_classes=size["C"], embedding_size=size["D"])
+        return cls(size["C"], size["D"])
+
+    return _proxy_step(make)
+
+
+def proxy_gemm_floor(centers_per_class):
+    """The three (N x D) (D x C K) products of a forward + backward alone (torch.mm in chunks of
+    8M similarities): what no exact proxy loss can beat on this machine."""
+    def setup(size, device):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(size["N"], size["D"], generator=g).to(device)
+        return three_gemms(x, torch.randn(size["C"] * centers_per_class, size["D"], generator=g).to(device))
+
+    return setup
+
+
+for _name, _cls, _k, _sizes, _full in [
+    ("normalized_softmax", "NormalizedSoftmaxLoss", 1, PROXY_SIZES, PROXY_FULL),
+    ("proxy_nca", "ProxyNCALoss", 1, PROXY_SIZES, PROXY_FULL),
+    ("proxy_anchor", "ProxyAnchorLoss", 1, PROXY_SIZES, PROXY_FULL),
+    ("subcenter_arcface", "SubCenterArcFaceLoss", 3, PROXY_SIZES, PROXY_FULL),
+    ("soft_triple", "SoftTripleLoss", 10, SOFT_TRIPLE_SIZES, SOFT_TRIPLE_FULL),
+]:
+    register(Case(
+        family="softmax",
+        name=_name,
+        description=f"{_cls} (PML's defaults, {_k} center(s) per class), fp32 embeddings (N, D), C classes, vs PML",
+        providers={
+            "structloss_fast": _ours(_cls),
+            "pml": _theirs(_cls),
+            "gemm_floor": proxy_gemm_floor(_k),
+        },
+        sizes=_sizes,
+        full_sizes=_full,
+        reference_points=("gemm_floor",),
+        skip=full_only("gemm_floor", default_sizes=_sizes),
+    ))

@@ -30,7 +30,12 @@ import triton.language as tl
 from .._ids import PAIR_LOSS_INFO, PairGradMode, PairLoss, PairStat
 from .._triton_support import AotConfig, Entry, f64, f64_bits, launch, pick, rows_layout
 
-SUPPORTED = tuple(loss for loss in PairLoss if loss != PairLoss.TRIPLET_ALL)
+SUPPORTED = (PairLoss.CIRCLE, PairLoss.UNIFIED, PairLoss.MULTI_SIMILARITY, PairLoss.SUP_CON, PairLoss.NT_XENT,
+             PairLoss.CONTRASTIVE, PairLoss.TRIPLET_HARD)
+# Why the others have no kernel here ("auto" then takes the CUDA backend's strip engine).
+_UNSUPPORTED_WHY = {
+    PairLoss.TRIPLET_ALL: "triplet loss over all triplets has no Triton kernel (it needs per-anchor sorted distances)",
+}
 # Batch-hard triplets keep the chosen reference columns in the (float32) row statistics.
 MAX_INDEXED_REFS = 1 << 24
 
@@ -667,7 +672,8 @@ def check_supported(x: torch.Tensor, loss: int, num_refs: int | None = None) -> 
     """None when the kernels take this problem, else the reason: derived from the table (every
     dtype has an entry for any D) and the statistics' float32 column indices."""
     if loss not in SUPPORTED:
-        return "triplet loss over all triplets has no Triton kernel (it needs per-anchor sorted distances); use backend='cuda'"
+        why = _UNSUPPORTED_WHY.get(loss, f"the {PairLoss(loss).name.lower()} loss has no Triton kernel")
+        return why + "; use backend='cuda'"
     if pick(table(x.device), x.dtype, x.shape[1]) is None:
         return f"the Triton pairwise kernels have no configuration for {x.dtype} embeddings of size {x.shape[1]}"
     refs = x.shape[0] if num_refs is None else num_refs

@@ -5,33 +5,45 @@ import torch
 from torch import Tensor, nn
 
 from .. import _validate
+from . import tuples as _tuples
 from .losses import PairwiseLoss
+from .miners import MinedTuple, remove_self_pairs
 
 __all__ = ["CrossBatchMemory"]
 
 
 class CrossBatchMemory(nn.Module):
     """A ring buffer of the last `memory_size` embeddings (detached) and labels, used as the
-    references of a structloss_fast pairwise loss, as PML's CrossBatchMemory: each call first
-    enqueues the batch, then computes the loss of the batch's anchors against the whole memory,
-    the pairs of an anchor with its own slot excluded; the memory gets no gradient. Only the
-    filled part of the memory is used until it wraps around.
+    references of a pairwise loss, as PML's CrossBatchMemory: each call first enqueues the
+    batch, then computes the loss of the batch's anchors against the whole memory, the pairs of
+    an anchor with its own slot excluded; the memory gets no gradient. Only the filled part of
+    the memory is used until it wraps around.
 
         xbm = CrossBatchMemory(structloss_fast.ContrastiveLoss(), embedding_size=128, memory_size=4096)
         loss = xbm(embeddings, labels)
 
+    miner: mines (embeddings, labels, memory, memory labels) as PML's; the anchor's own slot is a
+    candidate while mining and its pairs are removed afterwards. A structloss_fast miner fuses into
+    its loss's pass (then nothing is listed); any other miner's tuple is listed.
+    indices_tuple: added to the miner's (or all) pairs, as PML's.
     enqueue_mask (bool (B,)): only those rows are enqueued and the others are the anchors (PML's
     option for, e.g., MoCo-style key/query batches); self-pairs are then not excluded.
+    loss: a structloss_fast pairwise loss, or any loss called as PML's
+    (loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)), PML's own among them.
     """
 
-    def __init__(self, loss: PairwiseLoss, embedding_size: int, memory_size: int = 1024):
+    def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None):
         super().__init__()
-        if not isinstance(loss, PairwiseLoss):
-            raise TypeError(f"loss must be a structloss_fast pairwise loss module, got {type(loss).__name__}")
+        if not callable(loss):
+            raise TypeError(f"loss must be a pairwise loss module, got {type(loss).__name__}")
+        if miner is not None and not callable(miner):
+            raise TypeError(f"miner must be a miner (called as miner(embeddings, labels, ref_emb, ref_labels)), "
+                            f"got {type(miner).__name__}")
         for name, value in (("embedding_size", embedding_size), ("memory_size", memory_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.loss = loss
+        self.miner = miner
         self.embedding_size = embedding_size
         self.memory_size = memory_size
         self.reset_queue()
@@ -53,7 +65,9 @@ class CrossBatchMemory(nn.Module):
             self.has_been_filled = True
         return start
 
-    def forward(self, embeddings: Tensor, labels: Tensor, enqueue_mask: Tensor | None = None) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple=None, enqueue_mask: Tensor | None = None):
+        if indices_tuple is not None and enqueue_mask is not None:
+            raise ValueError("indices_tuple and enqueue_mask are mutually exclusive (as in pytorch-metric-learning)")
         _validate.tensor("embeddings", embeddings, ndim=2, floating=True)
         _validate.tensor("labels", labels, ndim=1, integer=True)
         _validate.length("labels", labels, embeddings.shape[0], "embeddings")
@@ -80,7 +94,33 @@ class CrossBatchMemory(nn.Module):
         filled = self.memory_size if self.has_been_filled else self.queue_idx
         memory, memory_labels = self.embedding_memory[:filled], self.label_memory[:filled]
         self_index = start if (enqueue_mask is None and filled > 0) else None
-        return self.loss(embeddings, labels, ref_emb=memory, ref_labels=memory_labels, ref_self_index=self_index)
+        ours = isinstance(self.loss, PairwiseLoss)
+        if ours and self.miner is None and indices_tuple is None:
+            return self.loss(embeddings, labels, ref_emb=memory, ref_labels=memory_labels, ref_self_index=self_index)
+        mined = self._mine(embeddings, labels, memory, memory_labels, self_index)
+        if ours and indices_tuple is None and isinstance(mined, MinedTuple):
+            # The loss fuses our miner's rule (the engine removes the self pairs), or lists its tuple.
+            return self.loss(embeddings, labels, mined, memory, memory_labels, ref_self_index=self_index)
+        mined = tuple(mined)
+        if indices_tuple is not None:
+            given = tuple(indices_tuple)
+            if len(given) == 3 and len(mined) == 4:
+                given = _tuples.to_pairs(given)
+            elif len(given) == 4 and len(mined) == 3:
+                given = _tuples.to_triplets(given)
+            mined = tuple(torch.cat([m, g.to(m.device)]) for m, g in zip(mined, given))
+        return self.loss(embeddings, labels, mined, memory, memory_labels)
+
+    def _mine(self, embeddings, labels, memory, memory_labels, self_index):
+        """The miner's tuple (or all pairs) without the anchors' self pairs."""
+        M = memory.shape[0]
+        if self.miner is None:
+            t = _tuples.all_pairs(labels, memory_labels, None, M)
+        else:
+            t = self.miner(embeddings, labels, memory, memory_labels)
+            if isinstance(t, MinedTuple):
+                return t if self_index is None else t.without_self(self_index)
+        return t if self_index is None else remove_self_pairs(tuple(t), self_index, M)
 
     def extra_repr(self):
         return f"embedding_size={self.embedding_size}, memory_size={self.memory_size}, queue_idx={self.queue_idx}"

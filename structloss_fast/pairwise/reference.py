@@ -22,6 +22,7 @@ as a whole (SupCon and NT-Xent without any positive or any negative pair).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -41,6 +42,14 @@ def unit_similarity(x_hat: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
     """s = x^ r^T of normalized rows: the one product every pairwise definition goes through
     (tests/pairwise/test_fp32_tensor_cores.py replaces it to emulate 3xTF32 arithmetic)."""
     return x_hat @ r_hat.T
+
+
+def distance_from_similarity(s: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance of unit vectors, ||a - b|| = sqrt(2 - 2 a.b), with the gradient that
+    torch.cdist gives at zero distance (0)."""
+    sq = (2 - 2 * s).clamp_min(0)
+    safe = torch.where(sq > 0, sq, torch.ones_like(sq))
+    return torch.where(sq > 0, safe.sqrt(), torch.zeros_like(sq))
 
 
 def euclidean_distance(x_hat: torch.Tensor, r_hat: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -278,3 +287,145 @@ def triplet_margin_loss(embeddings, labels, margin=0.05, mining="all", ref_embed
                            torch.zeros_like(d_ap))
         return reduce_terms([rows], [counts_nonzero(rows) * valid], reduction)
     raise ValueError(f"mining must be 'all' or 'batch_hard', got {mining!r}")
+
+
+@_nonfinite_gives_nan
+def generalized_lifted_structure_loss(embeddings, labels, pos_margin=0.0, neg_margin=1.0, ref_embeddings=None,
+                                      ref_labels=None, reduction="mean", ref_self_index=None):
+    """Generalized lifted structure loss (Hermans et al. 2017, p. 4; PML's
+    GeneralizedLiftedStructureLoss, LpDistance, MeanReducer over anchors):
+    relu(LSE_P (d - pos_margin) + LSE_N (neg_margin - d)), an empty set's LSE counting as 0."""
+    pb = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    s, pos, neg, d = pb.s, pb.pos, pb.neg, pb.distance()
+    zero = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
+    lse_p = torch.where(pos.any(dim=1), masked_logsumexp(d - pos_margin, pos), zero)
+    lse_n = torch.where(neg.any(dim=1), masked_logsumexp(neg_margin - d, neg), zero)
+    rows = torch.relu(lse_p + lse_n)
+    return reduce_terms([rows], [torch.ones_like(rows)], reduction)
+
+
+def tuplet_cos(s, margin):
+    """cos(acos(s) - margin) written as c cos m + sin(theta) sin m, c = clamp(s, -1, 1), with the
+    square root's gradient 0 at 0 (so the derivative is cos m at |s| = 1 and 0 beyond)."""
+    c = s.clamp(-1, 1)
+    sq = (1 - c) * (1 + c)
+    sin_t = torch.where(sq > 0, torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+    return c * math.cos(margin) + sin_t * math.sin(margin)
+
+
+@_nonfinite_gives_nan
+def tuplet_margin_loss(embeddings, labels, margin=math.radians(5.73), scale=64.0, ref_embeddings=None,
+                       ref_labels=None, reduction="mean", ref_self_index=None):
+    """Tuplet margin loss (Yu and Tao 2019; PML's TupletMarginLoss, cosine similarity, MeanReducer
+    over positive pairs): for each positive pair, log(1 + sum_N exp(scale (s_n - cos(theta_p -
+    margin)))), theta_p = acos(s_p); margin in radians. "none" sums per anchor; 0 for a batch
+    without any positive or any negative pair."""
+    pb = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    s, pos, neg = pb.s, pb.pos, pb.neg
+    lse_n = masked_logsumexp(scale * s, neg)
+    pair = softplus_exact(lse_n[:, None] - scale * tuplet_cos(s, margin))
+    rows = torch.where(pos, pair, torch.zeros_like(pair)).sum(dim=1)
+    return reduce_terms([rows], [pos.sum(dim=1).to(rows.dtype)], reduction, gate=_gate(pos, neg).to(rows.dtype))
+
+
+@_nonfinite_gives_nan
+def margin_based_loss(embeddings, labels, margin=0.2, beta=1.2, nu=0.0, ref_embeddings=None, ref_labels=None,
+                reduction="mean", ref_self_index=None):
+    """Margin loss (Wu et al. 2017; PML's MarginLoss with triplets_per_anchor="all", LpDistance,
+    DivisorReducer): over every triplet (a, p, n), relu(d_ap - beta_a + margin) +
+    relu(beta_a - d_an + margin), summed and divided by the number of non-zero (or NaN) parts.
+    beta: a float, a one-element tensor, or a per-anchor (B,) tensor (PML's class-specific beta,
+    already indexed by the anchors' labels). nu: weight of the beta regularizer (PML adds it when
+    beta is learned): nu * beta once for a single beta, nu * sum over triplets of beta_a divided
+    like the loss for a per-anchor beta; "none" returns the anchors' triplet sums without it.
+
+    Every positive pair's part recurs once per negative of its anchor and vice versa, so the
+    anchor's triplet sum is |N| sum_P relu(d_p - beta + margin) + |P| sum_N relu(beta - d_n +
+    margin) (O(B M) memory; the same as the explicit B x P x N sum)."""
+    pb = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    s, pos, neg, d = pb.s, pb.pos, pb.neg, pb.distance()
+    B = s.shape[0]
+    single = not torch.is_tensor(beta) or beta.numel() == 1
+    b = torch.as_tensor(beta, dtype=s.dtype, device=s.device).reshape(-1).expand(B) if single else beta.to(s.dtype)
+    lp = torch.where(pos, torch.relu(d - b[:, None] + margin), torch.zeros_like(d))
+    ln = torch.where(neg, torch.relu(b[:, None] - d + margin), torch.zeros_like(d))
+    n_p, n_n = pos.sum(dim=1).to(s.dtype), neg.sum(dim=1).to(s.dtype)
+    rows = n_n * lp.sum(dim=1) + n_p * ln.sum(dim=1)
+    counts = n_n * (counts_nonzero(lp) * pos).sum(dim=1) + n_p * (counts_nonzero(ln) * neg).sum(dim=1)
+    out = reduce_terms([rows], [counts], reduction)
+    return out if reduction == "none" else out + margin_beta_regularizer(b, nu, n_p * n_n, counts.sum(), single,
+                                                                         reduction)
+
+
+def margin_beta_regularizer(beta_rows, nu, triplets, divisor, single, reduction):
+    """PML's beta_reg_loss of MarginLoss: nu * beta once when there is a triplet (one beta);
+    nu * sum_i triplets_i beta_i, divided by the loss's divisor for "mean" (0 when it is 0),
+    for a beta per anchor."""
+    if nu == 0:
+        return torch.zeros((), dtype=beta_rows.dtype, device=beta_rows.device)
+    any_triplet = (triplets.sum() > 0).to(beta_rows.dtype)
+    if single:
+        return nu * beta_rows[:1].sum() * any_triplet if beta_rows.numel() else beta_rows.sum() * 0
+    total = nu * (triplets * beta_rows).sum()
+    if reduction == "mean":
+        total = torch.where(divisor > 0, total / divisor.clamp_min(1), torch.zeros_like(total))
+    return total
+
+
+@_nonfinite_gives_nan
+def fastap_loss(embeddings, labels, num_bins=10, ref_embeddings=None, ref_labels=None, reduction="mean",
+                ref_self_index=None):
+    """FastAP (Cakir et al. 2019; PML's FastAPLoss, squared Euclidean distances of the normalized
+    embeddings binned by triangular pulses at num_bins + 1 centers in [0, 4]): per anchor with
+    positives, 1 - (1/|P|) sum_k h+_k H+_k / H_k over the bins where h+_k H+_k > 0 and H_k > 0
+    (h+ the positives' histogram, H+ and H the cumulative histograms of the positives and of all
+    pairs); "mean" over the anchors with positives. A NaN distance makes the anchor's loss NaN."""
+    pb = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+    s, pos, neg = pb.s, pb.pos, pb.neg
+    d2 = (2 - 2 * s).clamp_min(0)
+    centers = torch.linspace(0.0, 4.0, num_bins + 1, dtype=s.dtype, device=s.device)
+    pulse = torch.relu(1 - (d2[:, :, None] - centers).abs() / (4.0 / num_bins))  # (B, M, E)
+    h_pos = (pulse * pos[:, :, None].to(s.dtype)).sum(dim=1)
+    h_neg = (pulse * neg[:, :, None].to(s.dtype)).sum(dim=1)
+    cum_pos, cum_all = h_pos.cumsum(dim=1), (h_pos + h_neg).cumsum(dim=1)
+    prod = h_pos * cum_pos
+    safe = (prod > 0) & (cum_all > 0)
+    ap = torch.where(safe, prod / torch.where(safe, cum_all, torch.ones_like(cum_all)), torch.zeros_like(prod))
+    n_pos = pos.sum(dim=1).to(s.dtype)
+    has_pos = n_pos > 0
+    rows = torch.where(has_pos, 1 - ap.sum(dim=1) / n_pos.clamp_min(1), torch.zeros_like(n_pos))
+    has_nan = (d2.isnan() & (pos | neg)).any(dim=1)
+    rows = torch.where(has_pos & has_nan, torch.full_like(rows, float("nan")), rows)
+    return reduce_terms([rows], [has_pos.to(s.dtype)], reduction)
+
+
+def npairs_pairs(labels):
+    """PML's NPairsLoss pairs: for each label with at least two samples, in increasing label
+    order, the first sample of that label (the anchor) and the second (its positive)."""
+    order = torch.sort(labels, stable=True).indices
+    sorted_labels = labels[order]
+    B = labels.shape[0]
+    starts = torch.ones(B, dtype=torch.bool, device=labels.device)
+    if B > 1:
+        starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    nxt = torch.zeros_like(starts)
+    if B > 1:
+        nxt[:-1] = ~starts[1:]  # the next sorted sample has the same label
+    first = starts & nxt
+    idx = first.nonzero().flatten()
+    return order[idx], order[idx + 1]
+
+
+def npairs_loss(embeddings, labels, reduction="mean"):
+    """N-pair loss (Sohn 2016; PML's NPairsLoss with its default distance, cosine similarity):
+    cross-entropy of the K x K similarities of the anchors with the positives of npairs_pairs,
+    the diagonal as targets; "mean" over the K pairs, "none" (B,) with each anchor's loss."""
+    a, p = npairs_pairs(labels)
+    sim = cosine_similarity(embeddings[a], embeddings[p])
+    target = torch.arange(a.shape[0], device=labels.device)
+    if reduction == "none":
+        out = embeddings.new_zeros(embeddings.shape[0])
+        return out.index_put((a,), F.cross_entropy(sim, target, reduction="none"))
+    if a.shape[0] == 0:
+        return embeddings.sum() * 0
+    return F.cross_entropy(sim, target, reduction=reduction)

@@ -17,9 +17,23 @@ from .margin_heads import (
     cosface_loss,
     normface_loss,
 )
+from .proxy_losses import (
+    NormalizedSoftmaxLoss,
+    ProxyAnchorLoss,
+    ProxyNCALoss,
+    SoftTripleLoss,
+    SubCenterArcFaceLoss,
+    normalized_softmax_loss,
+    proxy_anchor_loss,
+    proxy_nca_loss,
+    soft_triple_loss,
+    subcenter_arcface_loss,
+)
 
 __all__ = [
     "encouraging_loss", "EncouragingLoss", "linear_encouraging_loss", "LinearEncouragingLoss",
     "normface_loss", "cosface_loss", "arcface_loss", "circle_class_loss",
     "NormFaceLoss", "CosFaceLoss", "ArcFaceLoss", "CircleClassLoss",
+    "normalized_softmax_loss", "proxy_nca_loss", "subcenter_arcface_loss", "soft_triple_loss", "proxy_anchor_loss",
+    "NormalizedSoftmaxLoss", "ProxyNCALoss", "SubCenterArcFaceLoss", "SoftTripleLoss", "ProxyAnchorLoss",
 ]

@@ -32,12 +32,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _oplib, _registry
-from .._ids import SoftmaxParam, SoftmaxStat, SoftmaxTransform
+from .._ids import ProxyAnchorStat, SoftmaxParam, SoftmaxPool, SoftmaxStat, SoftmaxTransform
 from . import reference as _ref
 
 OP = "softmax_loss"
 LINEAR_OP = "linear_softmax_loss"
+POOLED_OP = "pooled_linear_softmax_loss"
+PROXY_ANCHOR_OP = "proxy_anchor_loss"
 NUM_STATS = len(SoftmaxStat)
+NUM_PROXY_ANCHOR_STATS = len(ProxyAnchorStat)
+
+POOLS = {"max": SoftmaxPool.MAX, "soft_avg": SoftmaxPool.SOFT_AVG}
 
 TRANSFORMS = {
     "identity": SoftmaxTransform.IDENTITY,
@@ -94,6 +99,32 @@ def _fake_linear_backward(input, weight, bias, target, class_weight, row_stats, 
     C = weight.shape[0]
     return (input.new_empty((N if grad_mask[0] else 0, H)), input.new_empty((C if grad_mask[1] else 0, H)),
             input.new_empty((C if grad_mask[2] and bias is not None else 0,)))
+
+
+def _fake_pooled_forward(input, weight, target, class_weight, ignore_index, transform, params, pool, group,
+                         pool_param, grad_mask):
+    torch._check(input.dim() == 2 and weight.dim() == 2, lambda: "input and weight must be 2-D")
+    torch._check(input.shape[1] == weight.shape[1], lambda: "input and weight differ in H")
+    stats = input.new_empty((input.shape[0], NUM_STATS), dtype=acc_dtype(input.dtype))
+    return (stats,) + _fake_pooled_backward(input, weight, target, class_weight, stats, None, ignore_index, transform,
+                                            params, pool, group, pool_param, grad_mask)
+
+
+def _fake_pooled_backward(input, weight, target, class_weight, row_stats, row_weights, ignore_index, transform, params,
+                          pool, group, pool_param, grad_mask):
+    N, H = input.shape
+    return (input.new_empty((N if grad_mask[0] else 0, H)), input.new_empty((weight.shape[0] if grad_mask[1] else 0, H)))
+
+
+def _fake_proxy_anchor(x, proxies, labels, params):
+    torch._check(x.dim() == 2 and proxies.dim() == 2 and x.shape[1] == proxies.shape[1],
+                 lambda: "x (N, D) and proxies (C, D)")
+    return x.new_empty((proxies.shape[0], NUM_PROXY_ANCHOR_STATS))
+
+
+def _fake_proxy_anchor_backward(x, proxies, labels, class_stats, class_weights, params, grad_mask):
+    return (x.new_empty((x.shape[0] if grad_mask[0] else 0, x.shape[1])),
+            x.new_empty((proxies.shape[0] if grad_mask[1] else 0, x.shape[1])))
 
 
 # ---------------------------------------------------------------- autograd
@@ -224,18 +255,9 @@ def _linear_backward(ctx, backward_op, grad_stats, _g_gx, _g_gw, _g_gb):
     if grad_stats is None or not any(need):
         return (None,) * 11
     w = _row_weights(grad_stats, row_stats)
-    grads = ctx.grads
-    if grads is not None and all(m or not n for m, n in zip(grad_mask, need)):
-        # The forward's gradients of the unit-weight sum: the input's row by row, the weight's and
-        # bias's summed over rows, which only reductions weighting every row alike (mean, sum)
-        # ask for: row 0's weight is theirs. Scaled out of place (retain_graph, reentrancy).
-        w0 = w[:1].sum()
-        scales = (w.unsqueeze(1), w0, w0)
-        out = [g * c.to(g.dtype) if n else None for g, c, n in zip(grads, scales, need)]
-    else:
-        gx, gw, gb = backward_op(input, weight, bias, target, class_weight, row_stats, w, ignore_index, transform,
-                                 params, need, row_chunk, class_tile)
-        out = [gx if need[0] else None, gw if need[1] else None, gb if need[2] else None]
+    out = _forward_grads_or(ctx.grads, grad_mask, need, w, lambda: backward_op(
+        input, weight, bias, target, class_weight, row_stats, w, ignore_index, transform, params, need, row_chunk,
+        class_tile))
     return out[0], out[1], out[2], None, None, None, None, None, None, None, None
 
 
@@ -268,6 +290,60 @@ _NAMES = {int(SoftmaxTransform.IDENTITY): "encouraging_loss", int(SoftmaxTransfo
           int(SoftmaxTransform.COS_FACE): "cosface_loss", int(SoftmaxTransform.ARC_FACE): "arcface_loss",
           int(SoftmaxTransform.CIRCLE_CLASS): "circle_class_loss"}
 
+
+def _forward_grads_or(grads, grad_mask, need, w, recompute):
+    """The gradients of the fused linear ops: the forward's (of the unit-weight sum) scaled, when
+    it wrote every one needed and no second derivative is asked for, else recompute()'s. The
+    input's gradient is scaled row by row, the others' (summed over rows) by row 0's weight:
+    only reductions weighting every row alike (mean, sum) ask the forward for them."""
+    if grads is not None and all(m or not n for m, n in zip(grad_mask, need)) and not _oplib.create_graph():
+        w0 = w[:1].sum()
+        scales = (w.unsqueeze(1),) + (w0,) * (len(grads) - 1)
+        # Scaled out of place (retain_graph, reentrancy).
+        return [g * c.to(g.dtype) if n else None for g, c, n in zip(grads, scales, need)]
+    return [g if n else None for g, n in zip(recompute(), need)]
+
+
+def _setup_pooled_context(ctx, inputs, output):
+    (input, weight, target, class_weight, ignore_index, transform, params, pool, group, pool_param, grad_mask) = inputs
+    row_stats, gx, gw = output
+    ctx.save_for_backward(input, weight, target, class_weight, row_stats)
+    ctx.mark_non_differentiable(gx, gw)
+    ctx.set_materialize_grads(False)
+    ctx.grads = (gx.detach(), gw.detach()) if any(grad_mask) else None
+    ctx.spec = (int(ignore_index), int(transform), [float(p) for p in params], int(pool), int(group), float(pool_param),
+                list(grad_mask))
+
+
+def _pooled_backward(ctx, backward_op, grad_stats, _g_gx, _g_gw):
+    input, weight, target, class_weight, row_stats = ctx.saved_tensors
+    ignore_index, transform, params, pool, group, pool_param, grad_mask = ctx.spec
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+    if grad_stats is None or not any(need):
+        return (None,) * 11
+    w = _row_weights(grad_stats, row_stats)
+    out = _forward_grads_or(ctx.grads, grad_mask, need, w, lambda: backward_op(
+        input, weight, target, class_weight, row_stats, w, ignore_index, transform, params, pool, group, pool_param,
+        need))
+    return (out[0], out[1]) + (None,) * 9
+
+
+def _setup_proxy_anchor_context(ctx, inputs, output):
+    x, proxies, labels, params = inputs
+    ctx.save_for_backward(x, proxies, labels, output)
+    ctx.params = [float(p) for p in params]
+
+
+def _proxy_anchor_backward(ctx, backward_op, grad_stats):
+    x, proxies, labels, stats = ctx.saved_tensors
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+    if grad_stats is None or not any(need):
+        return None, None, None, None
+    weights = grad_stats[:, [ProxyAnchorStat.POS_TERM, ProxyAnchorStat.NEG_TERM]].to(stats.dtype).contiguous()
+    gx, gp = backward_op(x, proxies, labels, stats, weights, ctx.params, need)
+    return (gx if need[0] else None), (gp if need[1] else None), None, None
+
+
 SOFTMAX_OP = _oplib.LossOp(
     OP, fake=_fake_forward, backward_fake=_fake_backward, setup_context=_setup_context, backward=_backward,
     differentiable_backward=_differentiable_backward, autocast=_oplib.to_float32,
@@ -280,8 +356,20 @@ LINEAR_SOFTMAX_OP = _oplib.LossOp(
     triton=("structloss_fast.softmax._triton", "linear_forward", "linear_backward"),
 )
 
+POOLED_SOFTMAX_OP = _oplib.LossOp(
+    POOLED_OP, fake=_fake_pooled_forward, backward_fake=_fake_pooled_backward, setup_context=_setup_pooled_context,
+    backward=_pooled_backward, what="subcenter_arcface_loss / soft_triple_loss (the pooled fused linear op)",
+)
+PROXY_ANCHOR_LOSS_OP = _oplib.LossOp(
+    PROXY_ANCHOR_OP, fake=_fake_proxy_anchor, backward_fake=_fake_proxy_anchor_backward,
+    setup_context=_setup_proxy_anchor_context, backward=_proxy_anchor_backward, what="proxy_anchor_loss",
+)
+
 for _op in (OP, LINEAR_OP):
     _registry.declare(_registry.OpSpec(_op, family="softmax", kernels=("cpu", "triton")))
+# CPU kernels only: on CUDA tensors "auto" runs the reference (dense N x C).
+for _op in (POOLED_OP, PROXY_ANCHOR_OP):
+    _registry.declare(_registry.OpSpec(_op, family="softmax", kernels=("cpu",)))
 
 
 # ---------------------------------------------------------------- the one reduction
@@ -329,3 +417,17 @@ def run_linear(backend: str, input, weight, bias, target, class_weight, ignore_i
     return LINEAR_SOFTMAX_OP.op(backend)(input, weight, bias, target, class_weight, int(ignore_index), int(transform),
                                          [float(p) for p in params], [bool(m) for m in grad_mask], int(row_chunk),
                                          int(class_tile))[0]
+
+
+def run_pooled(backend: str, input, weight, target, class_weight, ignore_index: int, transform: int, params, pool: int,
+               group: int, pool_param: float, grad_mask) -> Tensor:
+    """The row statistics of the pooled fused linear op (grad_mask bits only for reductions that
+    weight every row alike)."""
+    return POOLED_SOFTMAX_OP.op(backend)(input, weight, target, class_weight, int(ignore_index), int(transform),
+                                         [float(p) for p in params], int(pool), int(group), float(pool_param),
+                                         [bool(m) for m in grad_mask])[0]
+
+
+def run_proxy_anchor(backend: str, x, proxies, labels, alpha: float, margin: float) -> Tensor:
+    """Per-class statistics (C, NUM_PROXY_ANCHOR_STATS) of normalized x and proxies."""
+    return PROXY_ANCHOR_LOSS_OP.op(backend)(x, proxies, labels, [float(alpha), float(margin)])

@@ -40,23 +40,30 @@ ARCFACE_DEFAULT_MARGIN = math.radians(28.6)  # PML's default, 0.4992 rad
 
 
 def _margin_loss(kind, embeddings, proxies, labels, t0, t1, *, weight, log_end, bonus_weight, ignore_index, reduction,
-                 label_smoothing, eps, fused, backend):
+                 label_smoothing, eps, fused, backend, pool=None):
+    """pool: None, or (pool name of _ops.POOLS, centers per class K, its parameter) for heads whose
+    proxies hold K centers per class (rows c K .. c K + K - 1)."""
     log_end, bonus_weight, label_smoothing, eps, ignore_index = check_el_options(
         log_end, bonus_weight, label_smoothing, eps, ignore_index, reduction)
     _validate.tensor("embeddings", embeddings, ndim=2, floating=True)
     _validate.tensor("proxies", proxies, ndim=2, floating=True)
     _validate.tensor("labels", labels, ndim=1, integer=True)
     _validate.length("labels", labels, embeddings.shape[0], "embeddings")
+    group = 1 if pool is None else pool[1]
     if proxies.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"proxies must be (num_classes, D) with D={embeddings.shape[1]} (the embedding size), "
+        layout = "num_classes" if group == 1 else f"num_classes * {group}"
+        raise ValueError(f"proxies must be ({layout}, D) with D={embeddings.shape[1]} (the embedding size), "
                          f"got shape {tuple(proxies.shape)}")
     if proxies.shape[0] == 0:
         raise ValueError("proxies must have at least one class (row)")
-    C = proxies.shape[0]
+    if proxies.shape[0] % group:
+        raise ValueError(f"proxies must have {group} rows (centers) per class, got {proxies.shape[0]} rows")
+    C = proxies.shape[0] // group
     weight = check_class_weight("weight", weight, C)
     _validate.same_device(embeddings=embeddings, proxies=proxies, labels=labels, weight=weight)
     check_target_range(labels, C, ignore_index, name="labels")
-    chosen = _registry.resolve(_ops.LINEAR_OP if fused else _ops.OP, backend, embeddings.device)
+    op_name = (_ops.LINEAR_OP if pool is None else _ops.POOLED_OP) if fused else _ops.OP
+    chosen = _registry.resolve(op_name, backend, embeddings.device)
     # Embeddings and proxies may differ in dtype (bfloat16 activations, float32 proxies): both are
     # taken in the promoted dtype (the products under autocast in the autocast dtype).
     dtype = _oplib.loss_dtype(embeddings, proxies)
@@ -67,15 +74,28 @@ def _margin_loss(kind, embeddings, proxies, labels, t0, t1, *, weight, log_end, 
         with _oplib.autocast_off(embeddings.device):
             return _ref.margin_loss(kind, embeddings, proxies, labels, t0, t1, log_end=log_end,
                                     bonus_weight=bonus_weight, weight=weight, ignore_index=ignore_index,
-                                    reduction=reduction, label_smoothing=label_smoothing, eps=eps).to(dtype)
+                                    reduction=reduction, label_smoothing=label_smoothing, eps=eps,
+                                    pool=pool).to(dtype)
     params = _ops.make_params(log_end, bonus_weight, label_smoothing, eps, t0, t1)
     transform = _ops.TRANSFORMS[kind]
     labels64 = labels.to(torch.int64)
     x = F.normalize(embeddings, p=2, dim=1, eps=1e-12)
     w = F.normalize(proxies, p=2, dim=1, eps=1e-12)
+    if fused and pool is not None:
+        mask = [False, False]
+        if reduction != "none" and torch.is_grad_enabled():
+            mask = [x.requires_grad, w.requires_grad]
+        # The op takes the centers group-major (center k of class c in row k C + c): its passes
+        # over a row's classes are then contiguous.
+        w = w.view(C, group, w.shape[1]).transpose(0, 1).reshape(group * C, w.shape[1])
+        stats = _ops.run_pooled(chosen, x, w, labels64, weight, ignore_index, transform, params, _ops.POOLS[pool[0]],
+                                group, pool[2], mask)
+        return _ops.reduce(stats, labels64, weight, ignore_index, C, reduction).to(dtype)
     if fused:
         return run_linear(chosen, x, w, None, labels64, weight, ignore_index, transform, params, reduction)
     cos = x @ w.T
+    if pool is not None:
+        cos = _ref.pool_cosines(cos, *pool)
     compute_grad = torch.is_grad_enabled() and cos.requires_grad
     stats = _ops.run(chosen, cos, labels64, weight, ignore_index, transform, params, compute_grad)
     return _ops.reduce(stats, labels64, weight, ignore_index, C, reduction).to(dtype)
@@ -127,7 +147,7 @@ def arcface_loss(embeddings: Tensor, proxies: Tensor, labels: Tensor, *, margin:
                  label_smoothing: float = 0.0, eps: float = 1e-5, fused: bool = True,
                  backend: str = "auto") -> Tensor:
     scale = _validate.number("scale", scale, lo=0.0, lo_open=True)
-    margin = _validate.number("margin", margin, lo=0.0, hi=math.pi / 2)
+    margin = _validate.number("margin", check_arcface_margin(margin), lo=0.0, hi=math.pi / 2)
     return _margin_loss("arcface", embeddings, proxies, labels, scale, margin, weight=weight, log_end=log_end,
                         bonus_weight=bonus_weight, ignore_index=ignore_index, reduction=reduction,
                         label_smoothing=label_smoothing, eps=eps, fused=fused, backend=backend)
@@ -171,6 +191,44 @@ class MarginHead(LossModule):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return type(self)._function(embeddings, self.proxies, labels, **self.options())
 
+    # pytorch-metric-learning's class-weight losses keep W = proxies.T, (embedding_size, num_classes).
+    _PML_WEIGHT = "W"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Also loads a PML state_dict: its W (embedding_size, num_classes) becomes proxies (the
+        transpose); a W of another shape is reported with both layouts."""
+        w_key, p_key = prefix + self._PML_WEIGHT, prefix + "proxies"
+        if w_key in state_dict and p_key not in state_dict:
+            W = state_dict.pop(w_key)
+            C, D = self.proxies.shape
+            if tuple(W.shape) != (D, C):
+                error_msgs.append(f"{type(self).__name__}: pytorch-metric-learning's {w_key} must be (embedding_size, "
+                                  f"num_classes) = ({D}, {C}) (this loss keeps proxies (num_classes, embedding_size) = "
+                                  f"({C}, {D})), got {tuple(W.shape)}")
+                return
+            state_dict[p_key] = W.t()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @classmethod
+    def from_pml(cls, pml_loss, **options):
+        """This loss with the settings and class weights of pytorch-metric-learning's loss of the
+        same name (its margin read in the unit this loss takes; see each class)."""
+        if type(pml_loss).__name__ != cls.__name__:
+            raise TypeError(f"{cls.__name__}.from_pml takes pytorch-metric-learning's {cls.__name__}, got "
+                            f"{type(pml_loss).__name__}")
+        W = pml_loss.W.detach()
+        kw = {**cls._pml_settings(pml_loss), **options}
+        out = cls(W.shape[1], W.shape[0], device=W.device, dtype=W.dtype, **kw)
+        with torch.no_grad():
+            out.proxies.copy_(W.t())
+        return out
+
+    @classmethod
+    def _pml_settings(cls, pml_loss) -> dict:
+        return {}
+
     def logits(self, embeddings: Tensor) -> Tensor:
         """Cosine similarities (N, num_classes) of the embeddings with the class proxies."""
         return _ref.cosine_logits(embeddings, self.proxies)
@@ -199,14 +257,39 @@ class CosFaceLoss(MarginHead):
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.35, scale: float = 64.0, **kwargs):
         super().__init__(num_classes, embedding_size, margin=margin, scale=scale, **kwargs)
 
+    @classmethod
+    def _pml_settings(cls, pml_loss):
+        return dict(margin=float(pml_loss.margin), scale=float(pml_loss.scale))  # a cosine margin in both
+
+
+def check_arcface_margin(margin):
+    """ArcFace's angular margin is in radians here; PML's ArcFaceLoss takes degrees. A number
+    that only makes sense in degrees gets an error that says so."""
+    if isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.pi / 2 < margin <= 180:
+        raise ValueError(f"margin must be in radians in [0, pi/2], got {margin}: pytorch-metric-learning's "
+                         f"ArcFaceLoss takes degrees (its default 28.6 degrees is {math.radians(28.6):.4f} radians); "
+                         f"pass math.radians({margin}) = {math.radians(margin):.4f}, or build the loss with "
+                         f"ArcFaceLoss.from_pml(pml_loss)")
+    return margin
+
 
 class ArcFaceLoss(MarginHead):
+    """ArcFace head. margin in radians (PML's ArcFaceLoss takes degrees: 28.6 degrees = 0.4992 rad,
+    the default here); proxies (num_classes, embedding_size), PML's W transposed. A PML
+    state_dict loads as is (load_state_dict transposes W); ArcFaceLoss.from_pml(pml_loss) copies
+    a PML loss, margin converted."""
+
     _function = arcface_loss
     _options = _head_options("margin", "scale")
 
     def __init__(self, num_classes: int, embedding_size: int, margin: float = ARCFACE_DEFAULT_MARGIN,
                  scale: float = 64.0, **kwargs):
-        super().__init__(num_classes, embedding_size, margin=margin, scale=scale, **kwargs)
+        super().__init__(num_classes, embedding_size, margin=check_arcface_margin(margin), scale=scale, **kwargs)
+
+    @classmethod
+    def _pml_settings(cls, pml_loss):
+        # PML converts its degrees to radians when it is built (ArcFaceLoss.init_margin).
+        return dict(margin=float(pml_loss.margin), scale=float(pml_loss.scale))
 
 
 class CircleClassLoss(MarginHead):

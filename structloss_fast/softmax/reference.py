@@ -131,9 +131,22 @@ def margin_logits(cos, target, kind, t0, t1, ignore_index=-100):
     raise ValueError(f"unknown margin head {kind!r}")
 
 
+def pool_cosines(cos, pool, group, param):
+    """(N, C K) similarities to the centers (class c: columns c K .. c K + K - 1) -> (N, C): the
+    maximum over each class's centers ("max", SubCenterArcFace) or their soft average
+    sum_k softmax_k(param s_ck) s_ck ("soft_avg", SoftTriple with param = 1 / gamma)."""
+    s = cos.view(cos.shape[0], cos.shape[1] // group, group)
+    if pool == "max":
+        return s.max(dim=2).values
+    return (torch.softmax(s * param, dim=2) * s).sum(dim=2)
+
+
 def margin_loss(kind, embeddings, class_weight, labels, t0, t1, *, log_end=1.0, bonus_weight=0.0, weight=None,
-                ignore_index=-100, reduction="mean", label_smoothing=0.0, eps=1e-5):
+                ignore_index=-100, reduction="mean", label_smoothing=0.0, eps=1e-5, pool=None):
+    """pool: None, or (pool, group, param) of pool_cosines for heads with several centers per class."""
     cos = cosine_logits(embeddings, class_weight)
+    if pool is not None:
+        cos = pool_cosines(cos, *pool)
     logits = margin_logits(cos, labels, kind, t0, t1, ignore_index)
     return encouraging_loss(logits, labels, log_end=log_end, bonus_weight=bonus_weight, weight=weight,
                             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, eps=eps)
@@ -142,3 +155,48 @@ def margin_loss(kind, embeddings, class_weight, labels, t0, t1, *, log_end=1.0, 
 def linear_encouraging_loss(input, linear_weight, target, linear_bias=None, **kwargs):
     """EL of input @ linear_weight^T + linear_bias, dense."""
     return encouraging_loss(F.linear(input, linear_weight, linear_bias), target, **kwargs)
+
+
+# ---------------------------------------------------------------- proxy losses
+
+
+def proxy_nca_loss(embeddings, proxies, labels, softmax_scale=1.0, reduction="mean"):
+    """ProxyNCA (Movshovitz-Attias et al. 2017; PML's ProxyNCALoss: squared Euclidean distances
+    of the normalized embeddings and proxies): -log softmax_j(-softmax_scale d2_ij) at the label,
+    over the rows whose probability is not 0 in the input's dtype (PML drops the others);
+    "mean" over those rows."""
+    d2 = 2 - 2 * cosine_logits(embeddings, proxies)
+    logp = torch.log_softmax(-softmax_scale * d2, dim=1).gather(1, labels[:, None]).squeeze(1)
+    keep = logp.detach().exp() != 0
+    rows = torch.where(keep, -logp, torch.zeros_like(logp))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / keep.sum().clamp_min(1).to(rows.dtype)
+
+
+def proxy_anchor_terms(embeddings, proxies, labels, margin=0.1, alpha=32.0):
+    """ProxyAnchor's per-proxy terms (Kim et al. 2020; PML's ProxyAnchorLoss, cosine similarity):
+    pos_c = log(1 + sum_{i: y_i = c} exp(-alpha (s_ic - margin))), neg_c = log(1 + sum_{i: y_i != c}
+    exp(alpha (s_ic + margin))), each 0 without such rows; and the number of proxies with rows."""
+    cos = cosine_logits(embeddings, proxies)
+    pos = F.one_hot(labels, proxies.shape[0]).bool()
+
+    def lse1(a, mask):  # log(1 + sum over the mask of e^a); 0 for an empty mask (PML's logsumexp)
+        a = torch.cat([a.masked_fill(~mask, float("-inf")), a.new_zeros(1, a.shape[1])], dim=0)  # (also for 0 rows)
+        return torch.where(mask.any(dim=0), torch.logsumexp(a, dim=0), torch.zeros_like(a[0]))
+
+    return lse1(-alpha * (cos - margin), pos), lse1(alpha * (cos + margin), ~pos), pos.any(dim=0).sum()
+
+
+def proxy_anchor_loss(embeddings, proxies, labels, margin=0.1, alpha=32.0, reduction="mean"):
+    """sum_c pos_c / (proxies with rows) + sum_c neg_c / C (PML's two DivisorReducers; a zero
+    divisor gives 0); "sum" adds the terms, "none" returns pos_c + neg_c per proxy (C,)."""
+    pos, neg, n_with = proxy_anchor_terms(embeddings, proxies, labels, margin, alpha)
+    if reduction == "none":
+        return pos + neg
+    if reduction == "sum":
+        return pos.sum() + neg.sum()
+    pos_part = torch.where(n_with > 0, pos.sum() / n_with.clamp_min(1).to(pos.dtype), torch.zeros_like(pos.sum()))
+    return pos_part + neg.sum() / proxies.shape[0]

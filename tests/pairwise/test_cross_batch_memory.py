@@ -69,8 +69,10 @@ def test_memory_gets_no_gradient_and_is_detached():
 
 
 def test_bad_input():
-    with pytest.raises(TypeError, match="structloss_fast pairwise loss module"):
-        slf.CrossBatchMemory(pml_losses.CircleLoss(), 4)
+    with pytest.raises(TypeError, match="loss must be a pairwise loss module"):
+        slf.CrossBatchMemory(42, 4)
+    with pytest.raises(TypeError, match="miner must be a miner"):
+        slf.CrossBatchMemory(slf.CircleLoss(), 4, miner="hard")
     with pytest.raises(ValueError, match="memory_size must be a positive int"):
         slf.CrossBatchMemory(slf.CircleLoss(), 4, memory_size=0)
     xbm = slf.CrossBatchMemory(slf.CircleLoss(), 4, memory_size=8)

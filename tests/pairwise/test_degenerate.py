@@ -17,7 +17,6 @@ pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
 
 BACKENDS = [("reference", torch.device("cpu"))] + fast_backends("pairwise_loss")
-ENGINE_DISTANCES = pytest.mark.xfail(strict=True, reason="engine distances: issue 13")
 
 # (function, keyword arguments, PML's loss (and miner) with the same semantics)
 LOSSES = {
@@ -61,8 +60,7 @@ def _zero_case_params():
         for name, kw in ZERO_CASES:
             if not runs(b, name):
                 continue
-            marks = [ENGINE_DISTANCES] if b == "cpu" or b == "cuda" else []
-            out.append(pytest.param(b, d, name, kw, id=f"{b}-{name}", marks=marks))
+            out.append(pytest.param(b, d, name, kw, id=f"{b}-{name}"))
     return out
 
 

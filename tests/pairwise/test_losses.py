@@ -4,6 +4,7 @@ precision, edge cases and bad input."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 import torch.nn.functional as F
 import structloss_fast as slf
 from structloss_fast import _registry
+from structloss_fast._ids import PAIR_LOSSES_WITH_ROW_PARAMS
 from structloss_fast.pairwise import _ops as ops
+from structloss_fast.pairwise import _triton as triton_kernels
 from structloss_fast.pairwise import reference as ref
 from tests.helpers import (LazyImport, assert_close_to_truth, assert_tight, can_run, fast_backends, max_abs,
                            numerical_grad, triton_device)
@@ -28,9 +31,10 @@ WITH_ATEN_IDS = BACKEND_IDS + ["aten-cpu"]
 
 
 class Loss:
-    def __init__(self, name, fn, rfn, op_name, params, other, pml=None, kw=None):
+    def __init__(self, name, fn, rfn, op_name, params, other, pml=None, kw=None, pml_refs=True):
         self.name, self.fn, self.rfn, self.op_name = name, fn, rfn, op_name
         self.params, self.other, self.pml, self.kw = params, other, pml, kw or {}
+        self.pml_refs = pml_refs  # PML's class takes ref_emb
 
     def __repr__(self):
         return self.name
@@ -62,12 +66,26 @@ LOSSES = [
          dict(margin=0.3), pml_losses.TripletMarginLoss, kw=dict(mining="all")),
     Loss("triplet_hard", slf.triplet_margin_loss, ref.triplet_margin_loss, "triplet_hard", dict(margin=0.05),
          dict(margin=0.3), _pml_triplet_hard, kw=dict(mining="batch_hard")),
+    Loss("generalized_lifted_structure", slf.generalized_lifted_structure_loss, ref.generalized_lifted_structure_loss,
+         "generalized_lifted_structure", dict(pos_margin=0.0, neg_margin=1.0), dict(pos_margin=0.2, neg_margin=0.7),
+         pml_losses.GeneralizedLiftedStructureLoss),
+    Loss("tuplet_margin", slf.tuplet_margin_loss, ref.tuplet_margin_loss, "tuplet_margin",
+         dict(margin=math.radians(5.73), scale=64.0), dict(margin=0.3, scale=16.0),
+         lambda margin, scale: pml_losses.TupletMarginLoss(margin=math.degrees(margin), scale=scale)),
+    # beta as PML holds it (a float32 tensor), so that float64 runs match to the last bit.
+    Loss("margin", slf.margin_based_loss, ref.margin_based_loss, "margin", dict(margin=0.2, beta=torch.tensor([1.2])),
+         dict(margin=0.1, beta=torch.tensor([0.8])),
+         lambda margin, beta: pml_losses.MarginLoss(margin=margin, beta=float(beta))),
+    Loss("fastap", slf.fastap_loss, ref.fastap_loss, "fastap", dict(num_bins=10), dict(num_bins=4),
+         pml_losses.FastAPLoss, pml_refs=False),
 ]
+# The losses on pairwise_loss_rowparam (a parameter per anchor) rather than pairwise_loss.
+ROWPARAM_LOSSES = {lo.name for lo in LOSSES if ops.LOSSES[lo.op_name] in PAIR_LOSSES_WITH_ROW_PARAMS}
 LOSS_BY_NAME = {lo.name: lo for lo in LOSSES}
 
 
 def supported(backend, loss):
-    return not (backend == "triton" and loss.op_name == "triplet_all")
+    return not (backend == "triton" and ops.LOSSES[loss.op_name] not in triton_kernels.SUPPORTED)
 
 
 def combos(backends, losses=LOSSES):
@@ -260,7 +278,7 @@ def test_matches_pml_float64(backend, device, loss, setting, pattern, B):
     assert_tight(xd.grad.cpu(), xp.grad, rtol=1e-9, atol=1e-12, what="grad")
 
 
-@pytest.mark.parametrize("backend,device,loss", combos(BACKENDS, PML_LOSSES))
+@pytest.mark.parametrize("backend,device,loss", combos(BACKENDS, [lo for lo in PML_LOSSES if lo.pml_refs]))
 def test_matches_pml_float32_with_refs(backend, device, loss):
     B, M, D = 40, 30, 24
     x = torch.randn(B, D)
@@ -287,17 +305,24 @@ def test_module_is_a_drop_in_for_pml(name):
         "circle": slf.CircleLoss, "multi_similarity": slf.MultiSimilarityLoss, "supcon": slf.SupConLoss,
         "ntxent": slf.NTXentLoss, "contrastive": slf.ContrastiveLoss,
         "triplet_all": slf.TripletMarginLoss, "triplet_hard": lambda **p: slf.TripletMarginLoss(mining="batch_hard", **p),
+        "generalized_lifted_structure": slf.GeneralizedLiftedStructureLoss, "tuplet_margin": slf.TupletMarginLoss,
+        "margin": lambda margin, beta: slf.MarginLoss(margin=margin, beta=float(beta)), "fastap": slf.FastAPLoss,
     }
     x = torch.randn(20, 8, dtype=torch.float64)
     y = torch.randint(0, 4, (20,))
     rx, ry = torch.randn(9, 8, dtype=torch.float64), torch.randint(0, 4, (9,))
     mod = modules[name](**loss.other)
     assert torch.allclose(mod(x, y), loss.pml(**loss.other)(x, y), rtol=1e-10, atol=1e-12)
-    assert torch.allclose(mod(x, y, ref_emb=rx, ref_labels=ry), loss.pml(**loss.other)(x, y, ref_emb=rx, ref_labels=ry),
-                          rtol=1e-10, atol=1e-12)
+    if loss.pml_refs:
+        assert torch.allclose(mod(x, y, ref_emb=rx, ref_labels=ry),
+                              loss.pml(**loss.other)(x, y, ref_emb=rx, ref_labels=ry), rtol=1e-10, atol=1e-12)
     assert "reduction='mean'" in repr(mod)
-    with pytest.raises(NotImplementedError, match="miners"):
-        mod(x, y, indices_tuple=(torch.tensor([0]), torch.tensor([1]), torch.tensor([2])))
+    t = (torch.tensor([0, 1, 5]), torch.tensor([1, 2, 3]), torch.tensor([2, 7, 9]))
+    if name == "triplet_hard":  # mining="batch_hard" mines its own triplets
+        with pytest.raises(ValueError, match="mining='batch_hard'"):
+            mod(x, y, indices_tuple=t)
+    else:  # a miner's tuple, as PML reads it (tests/pairwise/test_pml_api.py covers the rest)
+        assert torch.allclose(mod(x, y, t), loss.pml(**loss.other)(x, y, t), rtol=1e-10, atol=1e-12)
 
 
 def test_ntxent_two_views_per_class_matches_pml():
@@ -415,7 +440,10 @@ def _op_params(loss):
     return [float(v) for v in loss.params.values()]
 
 
-@pytest.mark.parametrize("loss", LOSSES, ids=str)
+MAIN_OP_LOSSES = [lo for lo in LOSSES if lo.name not in ROWPARAM_LOSSES]  # (the others: test_pml_losses.py)
+
+
+@pytest.mark.parametrize("loss", MAIN_OP_LOSSES, ids=str)
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
 def test_opcheck_compiled_forward(loss, case):
     ref_is_x, self_offset, grad_mode = case
@@ -426,7 +454,7 @@ def test_opcheck_compiled_forward(loss, case):
         torch.library.opcheck(torch.ops.structloss_fast.pairwise_loss.default, args)
 
 
-@pytest.mark.parametrize("loss", LOSSES, ids=str)
+@pytest.mark.parametrize("loss", MAIN_OP_LOSSES, ids=str)
 @pytest.mark.parametrize("ref_is_x", [True, False])
 def test_opcheck_compiled_backward(loss, ref_is_x):
     loss_id = ops.LOSSES[loss.op_name]
@@ -572,8 +600,8 @@ def test_cpu_is_deterministic_and_strip_independent(loss):
     l2 = call(loss, "cpu", x, y)
     g2, = torch.autograd.grad(l2, x)
     assert torch.equal(l1, l2) and torch.equal(g1, g2)
-    if loss.name == "triplet_all":
-        return  # its dense reference is B x B x B
+    if loss.name in ("triplet_all", "fastap"):
+        return  # their dense references are B x B x B and B x B x bins
     xd = x.detach().double().requires_grad_(True)
     exp = loss.rfn(xd, y, **loss.params, **loss.kw)
     eg, = torch.autograd.grad(exp, xd)
@@ -724,6 +752,16 @@ def test_bad_input_raises_clear_error(kwargs, exc, match, loss):
         ("contrastive", dict(neg_margin=float("inf")), "neg_margin must be finite"),
         ("triplet_all", dict(margin=float("nan")), "margin must be finite"),
         ("triplet_all", dict(mining="semihard"), "mining must be 'all' or 'batch_hard'"),
+        ("generalized_lifted_structure", dict(neg_margin=float("nan")), "neg_margin must be finite"),
+        ("tuplet_margin", dict(scale=0.0), "scale must be > 0"),
+        ("tuplet_margin", dict(margin=5.73), "radians.*takes degrees"),
+        ("tuplet_margin", dict(margin=-0.1), "margin must be >= 0"),
+        ("margin", dict(beta=float("inf")), "beta must be finite"),
+        ("margin", dict(margin=float("nan")), "margin must be finite"),
+        ("margin", dict(beta=torch.ones(2, 2)), "beta must be a number, a one-element tensor"),
+        ("margin", dict(beta=torch.ones(3, dtype=torch.long)), "beta must be float"),
+        ("fastap", dict(num_bins=0), "num_bins must be a positive int"),
+        ("fastap", dict(num_bins=2.5), "num_bins must be a positive int"),
     ],
 )
 def test_bad_parameters(name, params, match):

@@ -172,3 +172,47 @@ def test_bad_input_raises_clear_error(kwargs, exc, match):
     y = kwargs.pop("y", torch.zeros(3, dtype=torch.long))
     with pytest.raises(exc, match=match):
         slf.cosface_loss(x, W, y, **kwargs)
+
+
+# ---------------------------------------------------------------- PML state_dicts and units
+
+
+@pytest.mark.parametrize("name", ["arcface", "cosface"])
+def test_pml_state_dict_loads_and_gives_pml_loss(name):
+    """PML keeps W (embedding_size, num_classes); ours proxies (num_classes, embedding_size):
+    load_state_dict of PML's dict, and from_pml, give PML's loss and gradients."""
+    C, D = 7, 12
+    torch.manual_seed(0)
+    pml = getattr(pml_losses, {"arcface": "ArcFaceLoss", "cosface": "CosFaceLoss"}[name])(num_classes=C, embedding_size=D)
+    pml = pml.double()
+    ours_cls = {"arcface": slf.ArcFaceLoss, "cosface": slf.CosFaceLoss}[name]
+    x = torch.randn(20, D, dtype=torch.float64)
+    y = torch.randint(0, C, (20,))
+    loaded = ours_cls(C, D, dtype=torch.float64)
+    loaded.load_state_dict(pml.state_dict())
+    assert torch.equal(loaded.proxies, pml.W.t())
+    copied = ours_cls.from_pml(pml)
+    xe = x.clone().requires_grad_()
+    expected = pml(xe, y)
+    expected.backward()
+    for ours in (loaded, copied):
+        xo = x.clone().requires_grad_()
+        got = ours(xo, y)
+        got.backward()
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(xo.grad, xe.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_pml_state_dict_of_another_shape_names_both_layouts():
+    pml = pml_losses.ArcFaceLoss(num_classes=5, embedding_size=8)
+    with pytest.raises(RuntimeError, match=r"\(embedding_size, num_classes\) = \(8, 6\).*got \(8, 5\)"):
+        slf.ArcFaceLoss(6, 8).load_state_dict(pml.state_dict())
+
+
+def test_arcface_margin_in_degrees_is_an_error_that_says_so():
+    with pytest.raises(ValueError, match="takes degrees"):
+        slf.ArcFaceLoss(10, 8, margin=28.6)
+    with pytest.raises(ValueError, match=r"math.radians\(28.6\) = 0.4992"):
+        slf.arcface_loss(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), margin=28.6)
+    with pytest.raises(TypeError, match="takes pytorch-metric-learning's ArcFaceLoss"):
+        slf.ArcFaceLoss.from_pml(pml_losses.CosFaceLoss(num_classes=3, embedding_size=4))
