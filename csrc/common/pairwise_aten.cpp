@@ -298,8 +298,17 @@ void write_stats(Tensor& st, const Tensor& aux0, const Tensor& aux1, const Tenso
   st.select(1, kPairNumNeg).copy_(m.nneg);
 }
 
+// The ported distance losses read the strip through unit_distance(s) = sqrt(2 - 2 s): shifting
+// it by (2 - n_i - n_j) / 2 gives the distance of the normalized rows themselves (a zero row at
+// distance 1, as PML's LpDistance), with the same gradient (the CPU kernels do the same).
+void shift_to_pair_distances(Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec) {
+  if ((spec.loss != kGenLifted && spec.loss != kMarginAll && spec.loss != kFastAp) || spec.direct()) return;
+  S.add_((2 - rows.x_sq.narrow(0, row0, S.size(0)).unsqueeze(1) - rows.ref_sq.unsqueeze(0)) * 0.5);
+}
+
 void aten_forward(Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec, bool want_grad,
                   Tensor& row_stats) {
+  shift_to_pair_distances(S, row0, rows, spec);
   const Masks m = make_masks(S, row0, rows, spec);
   Tensor st = row_stats.narrow(0, row0, S.size(0));
   const double t = spec.p[0];
@@ -395,6 +404,7 @@ void aten_forward(Tensor& S, int64_t row0, const PairwiseRows& rows, const Pairw
 
 void aten_backward(Tensor& S, int64_t row0, const PairwiseRows& rows, const PairwiseSpec& spec,
                    const Tensor& row_stats, const Tensor& row_weights) {
+  shift_to_pair_distances(S, row0, rows, spec);
   const Masks m = make_masks(S, row0, rows, spec);
   const Tensor st = row_stats.narrow(0, row0, S.size(0));
   const Tensor w = row_weights.narrow(0, row0, S.size(0));

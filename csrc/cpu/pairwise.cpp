@@ -928,9 +928,35 @@ void fastap_rows(const StripArgs<T, L>& a, int64_t r_begin, int64_t r_end) {
 // Rows per parallel task: enough work per task (about 64k pairs) to amortize the scheduling.
 int64_t row_grain(int64_t M) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(M, 1)); }
 
+// The ported distance losses (generalized lifted structure, MarginLoss, FastAP) read the strip
+// through unit_distance(s) = sqrt(2 - 2 s). Shifting each value by (2 - n_i - n_j) / 2 makes that
+// the distance of the normalized rows themselves, sqrt(n_i + n_j - 2 s) (n = 1, or 0 for a zero
+// row: at distance 1 from a unit row, as PML's LpDistance gives); the shift is a constant, so the
+// gradient the rows write in s is the gradient in the unshifted value. Normalized non-zero rows
+// shift by exactly 0.
+template <typename T, typename L>
+void shift_to_pair_distances(const StripArgs<T, L>& a, int64_t rows) {
+  bool unit_refs = true;
+  for (int64_t j = 0; j < a.M && unit_refs; ++j) unit_refs = a.ref_sq[j] == T(1);
+  at::parallel_for(0, rows, row_grain(a.M), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const Row<T, L> row = row_at(a, r);
+      T* const s = row.s;
+      const T* const nref = row.nref;
+      const T ni = row.ni;
+      if (ni == T(1) && unit_refs) continue;
+#pragma omp simd
+      for (int64_t j = 0; j < row.M; ++j) s[j] += (T(2) - ni - nref[j]) * T(0.5);
+    }
+  });
+}
+
 template <typename T, typename L>
 void run_rows(const StripArgs<T, L>& a, int64_t rows) {
   const PairwiseSpec& spec = *a.spec;
+  if ((spec.loss == kGenLifted || spec.loss == kMarginAll || spec.loss == kFastAp) && !spec.direct()) {
+    shift_to_pair_distances(a, rows);
+  }
   auto twoset = [&](const auto& lg, const auto& combine, bool row_counted) {
     at::parallel_for(0, rows, row_grain(a.M),
                      [&](int64_t b, int64_t e) { twoset_rows(a, lg, combine, row_counted, b, e); });

@@ -382,7 +382,8 @@ def fastap_loss(embeddings, labels, num_bins=10, ref_embeddings=None, ref_labels
     pairs); "mean" over the anchors with positives. A NaN distance makes the anchor's loss NaN."""
     pb = _problem(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
     s, pos, neg = pb.s, pb.pos, pb.neg
-    d2 = (2 - 2 * s).clamp_min(0)
+    # ||x^ - r^||^2 of the normalized rows (a zero row at squared distance 1, as PML's LpDistance).
+    d2 = (pb.x_hat.square().sum(1)[:, None] + pb.r_hat.square().sum(1)[None, :] - 2 * s).clamp_min(0)
     centers = torch.linspace(0.0, 4.0, num_bins + 1, dtype=s.dtype, device=s.device)
     pulse = torch.relu(1 - (d2[:, :, None] - centers).abs() / (4.0 / num_bins))  # (B, M, E)
     h_pos = (pulse * pos[:, :, None].to(s.dtype)).sum(dim=1)

@@ -180,3 +180,35 @@ def test_numpy_and_tensor_parameters(backend):
         slf.circle_loss(x, y, m=True, backend=backend)
     with pytest.raises(ValueError, match="gamma must be finite"):
         slf.circle_loss(x, y, gamma=np.float64("inf"), backend=backend)
+
+
+# The losses ported from PML read distances too: a zero row is at distance 1 on every backend
+# (the CPU epilogues and the ATen epilogue of the CUDA strip engine, forced here on CPU). beta is
+# exact in float32 (PML keeps it as a float32 tensor).
+ZERO_PORTED = {
+    "generalized_lifted_structure": (slf.generalized_lifted_structure_loss,
+                                     lambda: pml_losses.GeneralizedLiftedStructureLoss(neg_margin=1.5)),
+    "margin": (slf.margin_based_loss, lambda: pml_losses.MarginLoss(margin=0.5, beta=1.25)),
+    "fastap": (slf.fastap_loss, lambda: pml_losses.FastAPLoss(num_bins=4)),
+}
+ZERO_PORTED_KW = {"generalized_lifted_structure": dict(neg_margin=1.5), "margin": dict(margin=0.5, beta=1.25),
+                  "fastap": dict(num_bins=4)}
+
+
+@pytest.mark.parametrize("epilogue", ["reference", "cpu", "aten"])
+@pytest.mark.parametrize("name", list(ZERO_PORTED))
+def test_ported_losses_zero_row_distance_is_one(monkeypatch, name, epilogue):
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.6, 0.8], [0.0, 0.0, 0.0],
+                      [0.3, 0.0, -1.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    fn, pml = ZERO_PORTED[name]
+    xp = x.clone().requires_grad_(True)
+    expected = pml()(xp, y)
+    expected.backward()
+    if epilogue == "aten":
+        monkeypatch.setenv("STRUCTLOSS_FAST_PAIRWISE_EPILOGUE", "aten")
+    xo = x.clone().requires_grad_(True)
+    out = fn(xo, y, backend="reference" if epilogue == "reference" else "cpu", **ZERO_PORTED_KW[name])
+    out.backward()
+    assert out.item() == pytest.approx(expected.item(), rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(xo.grad, xp.grad, rtol=1e-7, atol=1e-9)
