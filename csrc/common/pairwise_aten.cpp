@@ -44,11 +44,12 @@ Tensor counts_nonzero(const Tensor& v) { return v.le(0).logical_not().to(v.scala
 // d/dx relu(x) (0 at 0), NaN kept.
 Tensor relu_grad(const Tensor& x) { return at::where(x.gt(0), at::ones_like(x), at::where(x.isnan(), x, at::zeros_like(x))); }
 
-// The distance of unit rows from their similarity, sqrt(2 - 2 s), and its derivative (0 at 0):
-// the losses ported from PML (generalized lifted structure, MarginLoss) read it.
+// The distance of unit rows from their similarity, sqrt(2 - 2 s): the losses ported from PML
+// (generalized lifted structure, MarginLoss) read it (their strips shifted, shift_to_pair_distances).
 Tensor unit_distance(const Tensor& s) { return (2 - 2 * s).clamp_min(0).sqrt(); }
 
-Tensor unit_distance_grad(const Tensor& d) {
+// dd/dg of a distance d computed from g: -1/d, 0 at distance 0 (torch.cdist's), NaN kept.
+Tensor pair_distance_grad(const Tensor& d) {
   return at::where(d.gt(0), -d.reciprocal(), at::where(d.isnan(), d, at::zeros_like(d)));
 }
 
@@ -60,8 +61,7 @@ Tensor distance(const Tensor& S, int64_t row0, const PairwiseRows& rows, const P
 }
 
 Tensor distance_grad(const Tensor& d, const PairwiseSpec& spec) {
-  if (spec.direct()) return at::ones_like(d);
-  return at::where(d.gt(0), -d.reciprocal(), at::where(d.isnan(), d, at::zeros_like(d)));
+  return spec.direct() ? at::ones_like(d) : pair_distance_grad(d);
 }
 
 // Logits and their derivatives for the two-set losses.
@@ -76,7 +76,7 @@ std::pair<Tensor, Tensor> twoset_logits(const Tensor& S, const Tensor& same, con
   }
   if (spec.loss == kGenLifted) {
     const Tensor d = unit_distance(S);
-    const Tensor dd = unit_distance_grad(d);
+    const Tensor dd = pair_distance_grad(d);
     return {at::where(same, d - p0, p1 - d), at::where(same, dd, -dd)};
   }
   // multi-similarity
@@ -226,7 +226,7 @@ Margin margin_terms(const Tensor& S, const Masks& m, const Tensor& beta, double 
 }
 
 Tensor margin_grad(const Margin& r, const Masks& m, const Tensor& w) {
-  const Tensor dd = unit_distance_grad(r.d);
+  const Tensor dd = pair_distance_grad(r.d);
   const Tensor wa = at::where(r.any, w, at::zeros_like(w)).unsqueeze(1);
   return at::where(m.pos, wa * r.nn * relu_grad(r.lp) * dd,
                    at::where(m.neg, -wa * r.np * relu_grad(r.ln) * dd, at::zeros_like(r.d)));

@@ -88,17 +88,12 @@ SLF_HD T pair_distance_grad(T d) {
   return d > T(0) ? T(-1) / d : (d != d ? d : T(0));
 }
 
-// The Euclidean distance of unit vectors from their cosine similarity, sqrt(2 - 2s), and its
-// derivative (0 at distance 0, as torch.cdist's): the losses ported from PML read it.
+// The Euclidean distance of unit vectors from their cosine similarity, sqrt(2 - 2s) (its
+// derivative is pair_distance_grad): the losses ported from PML read it (their strips are shifted
+// so that it is the distance of the rows themselves, shift_to_pair_distances).
 template <typename T>
 SLF_HD T unit_distance(T s) {
-  T sq = T(2) - T(2) * s;
-  sq = sq < T(0) ? T(0) : sq;
-  return sqrt_(sq);
-}
-template <typename T>
-SLF_HD T unit_distance_grad(T d) {
-  return d > T(0) ? T(-1) / d : (d != d ? d : T(0));
+  return pair_distance(s, T(1), T(1));
 }
 
 // A fused miner's keep rules for one anchor's pairs: positive (negative) pair j is kept when
@@ -203,9 +198,9 @@ struct GenLiftedLogits {
   T pos_margin, neg_margin;
   SLF_HD GenLiftedLogits(T pm, T nm) : pos_margin(pm), neg_margin(nm) {}
   SLF_HD T pos(T s) const { return unit_distance(s) - pos_margin; }
-  SLF_HD T pos_grad(T s) const { return unit_distance_grad(unit_distance(s)); }
+  SLF_HD T pos_grad(T s) const { return pair_distance_grad(unit_distance(s)); }
   SLF_HD T neg(T s) const { return neg_margin - unit_distance(s); }
-  SLF_HD T neg_grad(T s) const { return -unit_distance_grad(unit_distance(s)); }
+  SLF_HD T neg_grad(T s) const { return -pair_distance_grad(unit_distance(s)); }
 };
 
 // relu(LSE_P + LSE_N) where an empty set's LSE counts as 0 (PML's masked log-sum-exp).

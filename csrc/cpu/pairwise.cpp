@@ -673,7 +673,7 @@ SLF_HD void margin_row(const Row<T, L> r, T margin, T beta, bool want_stats, boo
     const T d = unit_distance(s[j]);
     const bool same = lab[j] == li;
     const bool pos = same && j != self_j;
-    const T dd = unit_distance_grad(d);  // NaN for a NaN distance, and relu_grad keeps it
+    const T dd = pair_distance_grad(d);  // NaN for a NaN distance, and relu_grad keeps it
     const T g_pos = wp * relu_grad((d - beta) + margin) * dd;
     const T g_neg = wn * relu_grad((beta - d) + margin) * dd;
     s[j] = same ? (pos ? g_pos : T(0)) : g_neg;

@@ -44,14 +44,6 @@ def unit_similarity(x_hat: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
     return x_hat @ r_hat.T
 
 
-def distance_from_similarity(s: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance of unit vectors, ||a - b|| = sqrt(2 - 2 a.b), with the gradient that
-    torch.cdist gives at zero distance (0)."""
-    sq = (2 - 2 * s).clamp_min(0)
-    safe = torch.where(sq > 0, sq, torch.ones_like(sq))
-    return torch.where(sq > 0, safe.sqrt(), torch.zeros_like(sq))
-
-
 def euclidean_distance(x_hat: torch.Tensor, r_hat: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """||x^_i - r^_j|| of the normalized rows themselves, from their similarities s = x^ r^T:
     sqrt(||x^||^2 + ||r^||^2 - 2 s), so a zero row (x^ = 0) is at distance 1 from every unit

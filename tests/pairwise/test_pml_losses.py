@@ -183,7 +183,8 @@ def test_margin_matches_explicit_triplets():
     """The anchors' |N| sum_P + |P| sum_N form equals the sum over every explicit triplet."""
     x = torch.randn(15, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (15,))
-    d = ref.distance_from_similarity(ref.cosine_similarity(x, x))
+    xh = ref.normalize(x)
+    d = ref.euclidean_distance(xh, xh, xh @ xh.T)
     pos, neg = ref.pair_masks(y, y, torch.arange(15))
     beta, margin = 1.1, 0.3
     t = torch.relu(d[:, :, None] - beta + margin) + torch.relu(beta - d[:, None, :] + margin)
